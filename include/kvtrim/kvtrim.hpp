@@ -1,0 +1,26 @@
+#pragma once
+//! \file kvtrim.hpp
+//! Everything host-safe: concepts, policies, presets, the dense cache and the CPU backend.
+
+#include "kvtrim/backend/cpu/attention.hpp"
+#include "kvtrim/backend/cpu/compress.hpp"
+#include "kvtrim/cache/dense_cache.hpp"
+#include "kvtrim/concepts.hpp"
+#include "kvtrim/config.hpp"
+#include "kvtrim/core/head_view.hpp"
+#include "kvtrim/core/shape.hpp"
+#include "kvtrim/plan/candidates.hpp"
+#include "kvtrim/plan/eviction_plan.hpp"
+#include "kvtrim/plan/tie_break.hpp"
+#include "kvtrim/policy/budget/adaptive.hpp"
+#include "kvtrim/policy/budget/global_blocks.hpp"
+#include "kvtrim/policy/budget/pyramid.hpp"
+#include "kvtrim/policy/budget/uniform.hpp"
+#include "kvtrim/policy/evict/topk_keep.hpp"
+#include "kvtrim/policy/metric/accumulated_attention.hpp"
+#include "kvtrim/policy/metric/positional.hpp"
+#include "kvtrim/policy/metric/window_attention.hpp"
+#include "kvtrim/policy/policy.hpp"
+#include "kvtrim/policy/positions.hpp"
+#include "kvtrim/policy/presets.hpp"
+#include "kvtrim/status.hpp"

@@ -1,0 +1,98 @@
+#pragma once
+//! \file pyramid.hpp
+//! PyramidKV (§4): lower layers keep more, upper layers less, an arithmetic sequence whose
+//! mean is the uniform budget, so the total matches SnapKV at the same budget.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <span>
+
+#include "kvtrim/concepts.hpp"
+#include "kvtrim/config.hpp"
+
+KVTRIM_NAMESPACE_BEGIN
+
+enum class pyramid_form : uint8_t {
+  //! KVCache-Factory `PyramidKVCluster`: integer arithmetic on a token budget C; n < C keeps
+  //! all, C <= n < 2(C - w) keeps C - w per head, otherwise the integer pyramid.
+  integer,
+  //! kvpress `PyramidKVPress`: real-valued steps on a ratio budget, rounded per layer; falls
+  //! back to the uniform ratio unless n >= max >= min >= w. Always compresses.
+  real
+};
+
+//! Pure formula of the integer form: candidates selected in layer `layer` of `layers`.
+//! `c` the per-head budget, `w` the protected window, `n` the head length.
+[[nodiscard]] KVTRIM_HOST_DEVICE constexpr int32_t pyramid_integer_select(int32_t layer, int32_t layers,
+                                                                          int32_t c, int32_t w, int32_t n,
+                                                                          int32_t beta) noexcept {
+  if (n < c) return n - w;
+  if (n < 2 * (c - w)) return c - w;
+  int32_t min_num = (c - w) / beta;
+  int32_t max_num = 2 * (c - w) - min_num;
+  if (max_num >= n - w) {
+    max_num = n - w;
+    min_num = 2 * (c - w) - max_num;
+  }
+  const int32_t step = layers > 1 ? (max_num - min_num) / (layers - 1) : 0;
+  return max_num - layer * step;
+}
+
+//! Pure formula of the real form: tokens kept (window included) for keep-ratio `r`.
+[[nodiscard]] inline int32_t pyramid_real_keep(int32_t layer, int32_t layers, float r, int32_t w, int32_t n,
+                                               int32_t beta) noexcept {
+  const double c = static_cast<double>(w) + static_cast<double>(n) * r;
+  const double min_num = (c - w) / beta;
+  const double max_num = (c - w) * 2 - min_num;
+  if (!(n >= max_num && max_num >= min_num && min_num >= w) || layers < 2)
+    return static_cast<int32_t>(std::nearbyint(static_cast<double>(n) * r));
+  const double step = (max_num - min_num) / (layers - 1);
+  return static_cast<int32_t>(std::nearbyint(max_num - layer * step));
+}
+
+struct pyramid_budget {
+  using kvc_concept = budget_allocator_tag;
+  static constexpr allocation_scope scope = allocation_scope::per_layer;
+  static constexpr bool needs_scores = false;
+
+  token_budget budget = token_budget::of_tokens(512);  //!< mean per head, protected included
+  int32_t beta = 20;
+  pyramid_form form = pyramid_form::integer;
+
+  [[nodiscard]] status validate(const attention_shape& shape, const protected_set& protect) const noexcept {
+    if (const status s = shape.validate(); s != status::success) return s;
+    if (const status s = budget.validate(); s != status::success) return s;
+    if (beta < 1) return status::invalid_argument;
+    if (form == pyramid_form::integer && budget.kind != token_budget::unit::tokens) return status::invalid_budget;
+    if (form == pyramid_form::real && budget.kind != token_budget::unit::ratio) return status::invalid_budget;
+    if (budget.kind == token_budget::unit::tokens && budget.tokens < protect.size())
+      return status::budget_below_protected;
+    return status::success;
+  }
+
+  [[nodiscard]] int32_t nominal_select(int32_t layer, int32_t layers, int32_t length,
+                                       int32_t protected_count) const noexcept {
+    if (form == pyramid_form::integer)
+      return pyramid_integer_select(layer, layers, budget.tokens, protected_count, length, beta);
+    return std::max(1, pyramid_real_keep(layer, layers, budget.ratio, protected_count, length, beta)) -
+           protected_count;
+  }
+
+  [[nodiscard]] status allocate(const candidate_table& table, const allocation_context& ctx,
+                                std::span<int32_t> select) const {
+    if (select.size() != static_cast<size_t>(table.layers()) * table.heads()) return status::shape_mismatch;
+    for (int32_t l = 0; l < table.layers(); ++l)
+      for (int32_t h = 0; h < table.heads(); ++h) {
+        const head_candidates& c = table.at(l, h);
+        const int32_t nominal = nominal_select(ctx.first_layer + l, ctx.total_layers, c.length,
+                                               static_cast<int32_t>(c.protected_slots.size()));
+        select[static_cast<size_t>(l) * table.heads() + h] =
+            std::clamp(nominal, 0, static_cast<int32_t>(c.ranked.size()));
+      }
+    return status::success;
+  }
+};
+static_assert(budget_allocator<pyramid_budget>);
+
+KVTRIM_NAMESPACE_END
