@@ -10,7 +10,6 @@
 #include <fstream>
 #include <ios>
 #include <span>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -39,12 +38,13 @@ struct config {
 
 //! Throws std::runtime_error naming `origin` when the header cannot describe a usable model,
 //! so a wrong file fails here instead of as garbage logits or an out-of-bounds read later.
-inline void validate_config(const config& c, const std::string& origin) {
+inline void validate_config(const config& c, const std::filesystem::path& origin) {
   const auto fail = [&](const std::string& problem) {
-    throw std::runtime_error("checkpoint '" + origin + "': bad header: " + problem);
+    fail_file("checkpoint", origin, "bad header: " + problem);
   };
   const auto require_positive = [&](const char* name, int value) {
-    if (value <= 0) fail(std::string(name) + " must be positive (got " + std::to_string(value) + ")");
+    if (value <= 0)
+      fail(std::string(name) + " must be positive (got " + std::to_string(value) + ")");
   };
   require_positive("dim", c.dim);
   require_positive("hidden_dim", c.hidden_dim);
@@ -70,7 +70,6 @@ class checkpoint {
  public:
   //! Reads and validates `path`; throws std::runtime_error naming the file and the problem.
   explicit checkpoint(const std::filesystem::path& path) {
-    const std::string origin = path.string();
     const auto fail = [&](const std::string& problem) { fail_file("checkpoint", path, problem); };
     std::ifstream in = open_input(path, "checkpoint");
     in.seekg(0, std::ios::end);
@@ -81,12 +80,13 @@ class checkpoint {
 
     std::int32_t header[7] = {};
     if (file_bytes < sizeof header)
-      fail("truncated: " + std::to_string(file_bytes) + " bytes is shorter than the 28-byte header");
+      fail("truncated: " + std::to_string(file_bytes) +
+           " bytes is shorter than the 28-byte header");
     in.read(reinterpret_cast<char*>(header), sizeof header);
     config_ = {header[0], header[1], header[2], header[3], header[4], header[5], header[6]};
-    validate_config(config_, origin);
+    validate_config(config_, path);
 
-    const std::uint64_t total_params = lay_out(origin);
+    const std::uint64_t total_params = lay_out(path);
     const std::uint64_t expected_bytes = sizeof header + 4 * total_params;
     if (file_bytes < expected_bytes)
       fail("truncated: the header implies " + std::to_string(expected_bytes) +
@@ -120,11 +120,17 @@ class checkpoint {
   // [dim]
   std::span<const float> rms_ffn(int layer) const { return layer_view(rms_ffn_, layer, dim()); }
   // [hidden_dim][dim]
-  std::span<const float> w1(int layer) const { return layer_view(w1_, layer, hidden_dim() * dim()); }
+  std::span<const float> w1(int layer) const {
+    return layer_view(w1_, layer, hidden_dim() * dim());
+  }
   // [dim][hidden_dim]
-  std::span<const float> w2(int layer) const { return layer_view(w2_, layer, dim() * hidden_dim()); }
+  std::span<const float> w2(int layer) const {
+    return layer_view(w2_, layer, dim() * hidden_dim());
+  }
   // [hidden_dim][dim]
-  std::span<const float> w3(int layer) const { return layer_view(w3_, layer, hidden_dim() * dim()); }
+  std::span<const float> w3(int layer) const {
+    return layer_view(w3_, layer, hidden_dim() * dim());
+  }
   // [dim]
   std::span<const float> rms_final() const { return view(rms_final_, dim()); }
 
@@ -144,10 +150,10 @@ class checkpoint {
   //! Assigns every tensor's offset in file order and returns the file's total float count
   //! (freq_cis included). Every count is capped at 2^56 floats, far beyond any real file, so
   //! a hostile header reports as implausible instead of wrapping around to a matching size.
-  std::uint64_t lay_out(const std::string& origin) {
+  std::uint64_t lay_out(const std::filesystem::path& path) {
     constexpr std::uint64_t max_params = std::uint64_t{1} << 56;
     const auto implausible = [&] {
-      throw std::runtime_error("checkpoint '" + origin + "': bad header: implausibly large dimensions");
+      fail_file("checkpoint", path, "bad header: implausibly large dimensions");
     };
     const auto mul = [&](std::uint64_t a, std::uint64_t b) {
       if (b != 0 && a > max_params / b) implausible();
@@ -183,8 +189,8 @@ class checkpoint {
   config config_;
   std::vector<float> weights_;  // every tensor before freq_cis, in file order
   std::size_t used_params_ = 0;
-  std::size_t token_embedding_ = 0, rms_att_ = 0, wq_ = 0, wk_ = 0, wv_ = 0, wo_ = 0,
-              rms_ffn_ = 0, w1_ = 0, w2_ = 0, w3_ = 0, rms_final_ = 0;  // float offsets
+  std::size_t token_embedding_ = 0, rms_att_ = 0, wq_ = 0, wk_ = 0, wv_ = 0, wo_ = 0, rms_ffn_ = 0,
+              w1_ = 0, w2_ = 0, w3_ = 0, rms_final_ = 0;  // float offsets
 };
 
 }  // namespace llama

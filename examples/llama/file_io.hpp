@@ -23,7 +23,8 @@ namespace llama {
 //! opens them "successfully" and only fails, or throws a message without the path, on read.
 inline std::ifstream open_input(const std::filesystem::path& path, const std::string& kind) {
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) fail_file(kind, path, "cannot open file (it is a directory)");
+  if (std::filesystem::is_directory(path, ec))
+    fail_file(kind, path, "cannot open file (it is a directory)");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_file(kind, path, "cannot open file (missing or unreadable)");
   return in;

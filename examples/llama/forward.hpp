@@ -43,7 +43,7 @@ concept kv_cache = requires(C& cache, int layer, int pos, std::span<const float>
   cache.attend(layer, in, out);
 };
 
-//! Scratch buffers of one forward step, allocated once per sequence rather than per token.
+//! Scratch buffers of a forward step, allocated once and reused by every step and sequence.
 struct run_state {
   explicit run_state(const config& c)
       : x(size(c.dim)),
@@ -61,7 +61,8 @@ struct run_state {
         rope_sin(rope_freq.size()) {
     // Computed in float exactly as run.c does, so positions rotate bit-for-bit alike.
     for (std::size_t i = 0; i < rope_freq.size(); ++i)
-      rope_freq[i] = 1.0f / std::pow(10000.0f, static_cast<float>(2 * i) / static_cast<float>(c.head_dim()));
+      rope_freq[i] =
+          1.0f / std::pow(10000.0f, static_cast<float>(2 * i) / static_cast<float>(c.head_dim()));
   }
 
   std::vector<float> x;          // [dim] residual stream
@@ -118,7 +119,8 @@ std::span<const float> forward(const checkpoint& model, run_state& s, Cache& cac
 
   const std::span<const float> embedding = model.token_embedding();
   const std::size_t dim = s.x.size();
-  for (std::size_t i = 0; i < dim; ++i) s.x[i] = embedding[static_cast<std::size_t>(token) * dim + i];
+  for (std::size_t i = 0; i < dim; ++i)
+    s.x[i] = embedding[static_cast<std::size_t>(token) * dim + i];
   for (std::size_t i = 0; i < s.rope_freq.size(); ++i) {
     const float angle = static_cast<float>(pos) * s.rope_freq[i];
     s.rope_cos[i] = std::cos(angle);

@@ -35,8 +35,9 @@ class dense_full_cache {
   void append(int layer, int pos, std::span<const float> k, std::span<const float> v) {
     std::size_t& length = lengths_[static_cast<std::size_t>(layer)];
     if (static_cast<std::size_t>(pos) != length)
-      throw std::logic_error("dense_full_cache: layer " + std::to_string(layer) + " expected position " +
-                             std::to_string(length) + " but got " + std::to_string(pos));
+      throw std::logic_error("dense_full_cache: layer " + std::to_string(layer) +
+                             " expected position " + std::to_string(length) + " but got " +
+                             std::to_string(pos));
     if (length == capacity_)
       throw std::length_error("dense_full_cache: capacity of " + std::to_string(capacity_) +
                               " tokens exceeded");
@@ -72,7 +73,8 @@ class dense_full_cache {
  private:
   float* row(std::vector<float>& store, int layer, std::size_t kv_head, std::size_t pos) {
     return store.data() +
-           ((static_cast<std::size_t>(layer) * n_kv_heads_ + kv_head) * capacity_ + pos) * head_dim_;
+           ((static_cast<std::size_t>(layer) * n_kv_heads_ + kv_head) * capacity_ + pos) *
+               head_dim_;
   }
 
   std::size_t n_heads_, n_kv_heads_, head_dim_, kv_group_, capacity_;

@@ -57,7 +57,8 @@ inline void attend_head(std::span<const float> q, const float* keys, const float
                         std::size_t n, std::span<float> scores, std::span<float> out) {
   const std::size_t head_dim = q.size();
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  for (std::size_t t = 0; t < n; ++t) scores[t] = dot(q.data(), keys + t * head_dim, head_dim) * scale;
+  for (std::size_t t = 0; t < n; ++t)
+    scores[t] = dot(q.data(), keys + t * head_dim, head_dim) * scale;
   softmax(scores.first(n));
   // Eight output lanes at a time in a local array, which stays in (SIMD) registers, instead
   // of a load and store of out[d] per token; odd-sized heads finish lane by lane.

@@ -40,7 +40,8 @@ inline std::vector<std::string_view> split_paragraphs(std::string_view text) {
     const bool is_break = line.empty() || line == "<|endoftext|>";
     if (is_break || line_end == text.size()) {
       const std::size_t stop = is_break ? line_start : line_end;
-      const std::string_view paragraph = strip(text.substr(paragraph_start, stop - paragraph_start));
+      const std::string_view paragraph =
+          strip(text.substr(paragraph_start, stop - paragraph_start));
       if (!paragraph.empty()) paragraphs.push_back(paragraph);
       paragraph_start = line_end + 1;
     }

@@ -99,20 +99,23 @@ class tokenizer {
       start = end;
     }
 
-    // merges[i] is the token that pair (tokens[i], tokens[i + 1]) merges into, or -1; kept per
-    // pair so each merge re-examines only its two new neighbours instead of every pair.
+    // merges[i] is the token the pair (tokens[first + i], tokens[first + i + 1]) merges into,
+    // or -1; kept per pair so a merge re-examines only its two new neighbours, not every pair.
     std::vector<int> merges;  // [tokens.size() - 1 - first]
-    for (std::size_t i = first; i + 1 < tokens.size(); ++i) merges.push_back(merge_of(tokens[i], tokens[i + 1]));
+    for (std::size_t i = first; i + 1 < tokens.size(); ++i)
+      merges.push_back(merge_of(tokens[i], tokens[i + 1]));
     while (true) {
       std::size_t best = merges.size();
       for (std::size_t i = 0; i < merges.size(); ++i)
-        if (merges[i] >= 0 && (best == merges.size() || score(merges[i]) > score(merges[best]))) best = i;
+        if (merges[i] >= 0 && (best == merges.size() || score(merges[i]) > score(merges[best])))
+          best = i;
       if (best == merges.size()) break;
       tokens[first + best] = merges[best];
       tokens.erase(tokens.begin() + static_cast<std::ptrdiff_t>(first + best + 1));
       merges.erase(merges.begin() + static_cast<std::ptrdiff_t>(best));
       if (best > 0) merges[best - 1] = merge_of(tokens[first + best - 1], tokens[first + best]);
-      if (best < merges.size()) merges[best] = merge_of(tokens[first + best], tokens[first + best + 1]);
+      if (best < merges.size())
+        merges[best] = merge_of(tokens[first + best], tokens[first + best + 1]);
     }
     return tokens;
   }

@@ -55,17 +55,9 @@ struct head_buffers {
   std::vector<float> keys, metric;
 };
 
-template <compression_policy P>
-[[nodiscard]] status check_observation(const P& p, const attention_shape& model, const observation& obs) {
+[[nodiscard]] inline status check_observation(const attention_shape& model, const observation& obs) {
   const size_t expected = static_cast<size_t>(model.layers) * obs.positions.size() * model.q_heads * model.head_dim;
-  if (obs.queries.size() != expected) return status::shape_mismatch;
-  using metric_t = typename P::metric_type;
-  if constexpr (!metric_t::accumulates) {
-    if (p.metric.decode() == decode_accumulation::none && obs.rows() == 0 &&
-        metric_t::scope == score_scope::across_heads)
-      return status::window_too_large;  // an attention metric with nothing observed
-  }
-  return status::success;
+  return obs.queries.size() == expected ? status::success : status::shape_mismatch;
 }
 
 }  // namespace detail
@@ -83,7 +75,7 @@ template <compression_policy P, kv_store S>
   if (stored.layers != model.layers || stored.head_dim != model.head_dim || stored.kv_heads != heads)
     return status::shape_mismatch;
   if (first < 0 || count < 1 || first + count > model.layers) return status::invalid_argument;
-  if (const status s = detail::check_observation(p, model, obs); s != status::success) return s;
+  if (const status s = detail::check_observation(model, obs); s != status::success) return s;
 
   using metric_t = typename P::metric_type;
   const int32_t layers = model.layers;
@@ -105,6 +97,7 @@ template <compression_policy P, kv_store S>
     const bool in_range = l >= first && l < first + count;
     for (int32_t h = 0; h < heads; ++h) {
       const auto n = static_cast<size_t>(lengths[static_cast<size_t>(l) * heads + h]);
+      if (in_range && n == 0) return status::empty_sequence;
       auto& b = buffers[static_cast<size_t>(h)];
       b.positions.resize(n);
       b.keys.resize(n * d);

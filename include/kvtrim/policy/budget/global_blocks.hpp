@@ -84,9 +84,11 @@ struct global_block_budget {
         const head_candidates& c = table.at(l, h);
         const int32_t hanging = hanging_tokens(c.length, block_size);
         const auto evictable = static_cast<int32_t>(c.ranked.size());
+        // A head without protected tokens keeps at least one.
+        const int32_t limit = c.protected_slots.empty() ? evictable - 1 : evictable;
         // Evicting k + 1 blocks removes the `k * bs + hanging` lowest-ranked candidates;
         // its price is the best of them (ranked is best-first, so count from the back).
-        for (int32_t k = 0; static_cast<int64_t>(k) * block_size + hanging <= evictable; ++k) {
+        for (int32_t k = 0; static_cast<int64_t>(k) * block_size + hanging <= limit; ++k) {
           const int32_t removed = k * block_size + hanging;
           blocks.push_back({c.ranked[static_cast<size_t>(evictable - removed)].score, l * table.heads() + h, k});
         }

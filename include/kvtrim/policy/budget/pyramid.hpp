@@ -23,11 +23,12 @@ enum class pyramid_form : uint8_t {
 };
 
 //! Pure formula of the integer form: candidates selected in layer `layer` of `layers`.
-//! `c` the per-head budget, `w` the protected window, `n` the head length.
+//! `c` the per-head budget, `w` the protected window, `n` the head length. Below the budget
+//! (n < c) it returns c - w, more than the n - w candidates: the head keeps everything.
 [[nodiscard]] KVTRIM_HOST_DEVICE constexpr int32_t pyramid_integer_select(int32_t layer, int32_t layers,
                                                                           int32_t c, int32_t w, int32_t n,
                                                                           int32_t beta) noexcept {
-  if (n < c) return n - w;
+  if (n < c) return c - w;
   if (n < 2 * (c - w)) return c - w;
   int32_t min_num = (c - w) / beta;
   int32_t max_num = 2 * (c - w) - min_num;

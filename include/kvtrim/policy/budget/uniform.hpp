@@ -27,11 +27,9 @@ struct uniform_budget {
   }
 
   //! Candidates a head of `length` tokens, `protected_count` of them protected, should keep,
-  //! before clipping to what it has. Heads no longer than the budget keep everything.
+  //! before clipping to what it has (C - w: a head no longer than C keeps everything).
   [[nodiscard]] int32_t nominal_select(int32_t, int32_t, int32_t length, int32_t protected_count) const noexcept {
-    const int32_t c = budget.resolve(length);
-    if (length <= c) return length - protected_count;
-    return std::max(0, c - protected_count);
+    return std::max(0, budget.resolve(length) - protected_count);
   }
 
   [[nodiscard]] status allocate(const candidate_table& table, const allocation_context& ctx,
