@@ -2,7 +2,6 @@
 // values of shared/models/stories260K/README.md, plus each bad-input error.
 
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -59,14 +58,17 @@ const llama::tokenizer& tok() {
 
 //! A private temporary folder for bad-input fixtures, removed when the test ends.
 struct temp_dir {
-  temp_dir() : path(fs::temp_directory_path() / ("kvtrim_llama_test_" + std::to_string(std::random_device{}()))) {
+  temp_dir()
+      : path(fs::temp_directory_path() /
+             ("kvtrim_llama_test_" + std::to_string(std::random_device{}()))) {
     fs::create_directories(path);
   }
   ~temp_dir() { fs::remove_all(path); }
 
   fs::path write(const std::string& name, const std::string& bytes) const {
     const fs::path file = path / name;
-    std::ofstream(file, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    std::ofstream(file, std::ios::binary)
+        .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     return file;
   }
 
@@ -100,7 +102,8 @@ double window_nll(const std::vector<int>& window) {
 
 }  // namespace
 
-TEST_CASE("checkpoint header matches the published stories260K configuration", "[llama][checkpoint]") {
+TEST_CASE("checkpoint header matches the published stories260K configuration",
+          "[llama][checkpoint]") {
   const llama::config& c = model().cfg();
   CHECK(c.dim == 64);
   CHECK(c.hidden_dim == 172);
@@ -127,7 +130,8 @@ TEST_CASE("tokenizer reproduces llama2.c encoding and decoding", "[llama][tokeni
 }
 
 TEST_CASE("evaluation stream splits paragraphs on blank lines and story breaks", "[llama][text]") {
-  const std::string text = "  First story.\nSecond line.\n \t\nNext one.\n<|endoftext|>\nLast\n\n\n";
+  const std::string text =
+      "  First story.\nSecond line.\n \t\nNext one.\n<|endoftext|>\nLast\n\n\n";
   CHECK(llama::split_paragraphs(text) ==
         std::vector<std::string_view>{"First story.\nSecond line.", "Next one.", "Last"});
 
@@ -175,7 +179,8 @@ TEST_CASE("greedy continuation reproduces the reference ids and text", "[llama][
 
   std::string text;
   for (std::size_t i = 1; i < ids.size(); ++i) text += tok().decode(ids[i - 1], ids[i]);
-  CHECK(text == "Once upon a time, there was a little girl named Lily. She loved to play outside in the p");
+  CHECK(text ==
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the p");
 }
 
 TEST_CASE("query hook sees each layer's post-RoPE query, and the cache holds every token",
@@ -228,19 +233,23 @@ TEST_CASE("bad checkpoints are rejected with a message naming the problem", "[ll
   const temp_dir dir;
   const std::vector<std::int32_t> good = {64, 172, 5, 8, 4, 512, 512};
 
-  REQUIRE_THROWS_WITH(llama::checkpoint(dir.path / "absent.bin"), Contains("absent.bin") && Contains("cannot open"));
+  REQUIRE_THROWS_WITH(llama::checkpoint(dir.path / "absent.bin"),
+                      Contains("absent.bin") && Contains("cannot open"));
   REQUIRE_THROWS_WITH(llama::checkpoint(dir.path), Contains("directory"));
 
   const std::string real = read_bytes(model_path);
   REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("cut.bin", real.substr(0, real.size() - 4))),
                       Contains("cut.bin") && Contains("truncated"));
-  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("stub.bin", real.substr(0, 10))), Contains("truncated"));
-  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("long.bin", real + "tail")), Contains("size mismatch"));
+  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("stub.bin", real.substr(0, 10))),
+                      Contains("truncated"));
+  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("long.bin", real + "tail")),
+                      Contains("size mismatch"));
 
   auto header = good;
   header[0] = 0;
-  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("dim.bin", checkpoint_bytes(header, 8))),
-                      Contains("dim.bin") && Contains("bad header") && Contains("dim must be positive"));
+  REQUIRE_THROWS_WITH(
+      llama::checkpoint(dir.write("dim.bin", checkpoint_bytes(header, 8))),
+      Contains("dim.bin") && Contains("bad header") && Contains("dim must be positive"));
   header = good;
   header[5] = -512;
   REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("vocab.bin", checkpoint_bytes(header, 8))),
@@ -256,7 +265,8 @@ TEST_CASE("bad checkpoints are rejected with a message naming the problem", "[ll
                       Contains("not divisible by n_heads"));
   header = good;
   header[0] = 56;  // head size 7
-  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("odd.bin", checkpoint_bytes(header, 8))), Contains("odd"));
+  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("odd.bin", checkpoint_bytes(header, 8))),
+                      Contains("odd"));
   header = good;
   header[0] = header[1] = header[2] = 1 << 30;
   header[3] = header[4] = 1 << 28;
@@ -266,7 +276,8 @@ TEST_CASE("bad checkpoints are rejected with a message naming the problem", "[ll
   std::string more_layers = real;
   const std::int32_t six_layers = 6;
   std::memcpy(more_layers.data() + 8, &six_layers, 4);
-  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("layers.bin", more_layers)), Contains("truncated"));
+  REQUIRE_THROWS_WITH(llama::checkpoint(dir.write("layers.bin", more_layers)),
+                      Contains("truncated"));
 }
 
 TEST_CASE("bad tokenizers are rejected with a message naming the problem", "[llama][errors]") {
@@ -274,7 +285,8 @@ TEST_CASE("bad tokenizers are rejected with a message naming the problem", "[lla
   const temp_dir dir;
   const std::string real = read_bytes(tokenizer_path);
 
-  REQUIRE_THROWS_WITH(llama::tokenizer(dir.path / "absent.bin", 512), Contains("absent.bin") && Contains("cannot open"));
+  REQUIRE_THROWS_WITH(llama::tokenizer(dir.path / "absent.bin", 512),
+                      Contains("absent.bin") && Contains("cannot open"));
   REQUIRE_THROWS_WITH(llama::tokenizer(dir.write("cut.bin", real.substr(0, real.size() - 1)), 512),
                       Contains("cut.bin") && Contains("truncated"));
   REQUIRE_THROWS_WITH(llama::tokenizer(dir.write("empty.bin", ""), 512), Contains("truncated"));
@@ -285,18 +297,22 @@ TEST_CASE("bad tokenizers are rejected with a message naming the problem", "[lla
   for (const std::string piece : {"<unk>", "a", "b"}) {
     const float score = 0.0f;
     const auto len = static_cast<std::int32_t>(piece.size());
-    small.append(reinterpret_cast<const char*>(&score), 4).append(reinterpret_cast<const char*>(&len), 4) += piece;
+    small.append(reinterpret_cast<const char*>(&score), 4)
+        .append(reinterpret_cast<const char*>(&len), 4) += piece;
   }
-  REQUIRE_THROWS_WITH(llama::tokenizer(dir.write("small.bin", small), 512), Contains("tokenizer mismatch"));
+  REQUIRE_THROWS_WITH(llama::tokenizer(dir.write("small.bin", small), 512),
+                      Contains("tokenizer mismatch"));
 }
 
-TEST_CASE("unreadable or too-short text is rejected with a message naming the problem", "[llama][errors]") {
+TEST_CASE("unreadable or too-short text is rejected with a message naming the problem",
+          "[llama][errors]") {
   const temp_dir dir;
   REQUIRE_THROWS_WITH(llama::text_stream(dir.path / "absent.txt", tok()),
                       Contains("absent.txt") && Contains("cannot open"));
   REQUIRE_THROWS_WITH(llama::text_stream(dir.path, tok()), Contains("cannot open"));
 
-  const llama::text_stream short_stream(dir.write("short.txt", "Once upon a time.\n\nThe end.\n"), tok());
+  const llama::text_stream short_stream(dir.write("short.txt", "Once upon a time.\n\nThe end.\n"),
+                                        tok());
   CHECK(short_stream.window_count() == 0);
   REQUIRE_THROWS_WITH(short_stream.window(0), Contains("short.txt") && Contains("too short"));
 }

@@ -33,7 +33,7 @@ TEST_CASE("bad input: negative budget", "[cpu][bad-input]") {
                   fixtures::make_cache(model, 64, 64));
 }
 
-TEST_CASE("bad input: ratio budget outside (0, 1]", "[cpu][bad-input]") {
+TEST_CASE("bad input: ratio budget not in 0 < r <= 1", "[cpu][bad-input]") {
   expect_rejected(snapkv({.budget = token_budget::of_ratio(0.f), .window = 4}), status::invalid_budget,
                   fixtures::make_cache(model, 64, 4));
   expect_rejected(snapkv({.budget = token_budget::of_ratio(1.5f), .window = 4}), status::invalid_budget,

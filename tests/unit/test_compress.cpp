@@ -84,7 +84,7 @@ TEST_CASE("compression keeps the protected tokens and what the plan chose", "[cp
   });
 }
 
-TEST_CASE("uniform presets keep exactly the budget; adaptive and global ones keep the same total", "[cpu][compress]") {
+TEST_CASE("uniform presets keep exactly the budget, adaptive and global ones keep the same total", "[cpu][compress]") {
   for_each_preset(16, [](const auto& p, const char* name) {
     CAPTURE(name);
     auto f = fixtures::make_cache(model, 64, 8);

@@ -95,6 +95,8 @@ template <compression_policy P, kv_store S>
   const auto d = static_cast<size_t>(model.head_dim);
   for (int32_t l = 0; l < layers; ++l) {
     const bool in_range = l >= first && l < first + count;
+    // Layers outside the range are read only to carry their accumulated metrics over.
+    if (!in_range && !metric_t::accumulates) continue;
     for (int32_t h = 0; h < heads; ++h) {
       const auto n = static_cast<size_t>(lengths[static_cast<size_t>(l) * heads + h]);
       if (in_range && n == 0) return status::empty_sequence;
