@@ -1,14 +1,25 @@
 #pragma once
 //! \file kvtrim.hpp
-//! Everything host-safe: concepts, policies, presets, the dense cache and the CPU backend.
+//! Everything host-safe: concepts, policies, presets, the caches (dense, paged, dense view),
+//! the engine session and the CPU backend.
 
 #include "kvtrim/backend/cpu/attention.hpp"
 #include "kvtrim/backend/cpu/compress.hpp"
+#include "kvtrim/backend/cpu/paged_attention.hpp"
+#include "kvtrim/cache/block_pool.hpp"
+#include "kvtrim/cache/block_tables.hpp"
 #include "kvtrim/cache/dense_cache.hpp"
+#include "kvtrim/cache/dense_view.hpp"
+#include "kvtrim/cache/device_paged_cache.hpp"
+#include "kvtrim/cache/paged_cache.hpp"
+#include "kvtrim/cache/paged_layout.hpp"
+#include "kvtrim/cache/slot_mover.hpp"
 #include "kvtrim/concepts.hpp"
 #include "kvtrim/config.hpp"
 #include "kvtrim/core/head_view.hpp"
+#include "kvtrim/core/numeric.hpp"
 #include "kvtrim/core/shape.hpp"
+#include "kvtrim/engine/session.hpp"
 #include "kvtrim/plan/candidates.hpp"
 #include "kvtrim/plan/eviction_plan.hpp"
 #include "kvtrim/plan/tie_break.hpp"

@@ -182,3 +182,23 @@ TEST_CASE("bad input: rerotation needs an even head dim and a positive theta", "
   p.rope.theta = -1.f;
   expect_rejected(p, status::invalid_argument, fixtures::make_cache(model, 32, 0));
 }
+
+TEST_CASE("bad input: decode attention arguments", "[cpu][bad-input]") {
+  // Layer 0 holds one token, layer 1 none.
+  dense_cache cache({2, 2, 2, 4}, 1, 8);
+  const std::vector<float> kv(8, 1.f);
+  REQUIRE(cache.append(0, 0, 0, kv, kv) == status::success);
+  std::vector<float> q(8, 0.5f), out(8), scratch;
+  const auto attend = [&](int64_t seq, int32_t layer, int32_t q_heads, std::span<const float> query) {
+    return cpu::decode_attention(cache, seq, layer, q_heads, query, out, decode_accumulation::sum, gqa_reduce::mean,
+                                 scratch);
+  };
+  CHECK(attend(0, 1, 2, q) == status::empty_sequence);
+  CHECK(attend(0, 0, 3, q) == status::invalid_group);
+  CHECK(attend(0, 0, 2, std::span<const float>(q).first(4)) == status::shape_mismatch);
+  CHECK(attend(3, 0, 2, q) == status::unknown_sequence);
+  CHECK(attend(0, 2, 2, q) == status::invalid_argument);
+  CHECK(cache.metrics(0, 0, 0)[0] == 0.f);  // no failed call accumulated anything
+  REQUIRE(attend(0, 0, 2, q) == status::success);
+  CHECK(cache.metrics(0, 0, 0)[0] == Approx(1.f));
+}

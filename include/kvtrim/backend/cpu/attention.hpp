@@ -86,6 +86,9 @@ namespace cpu {
   const auto d = static_cast<size_t>(shape.head_dim);
   if (q.size() != static_cast<size_t>(q_heads) * d || out.size() != q.size()) return status::shape_mismatch;
   const int32_t group = q_heads / shape.kv_heads;
+  // Every head is checked before any metric is touched, so a failed call changes nothing.
+  for (int32_t h = 0; h < shape.kv_heads; ++h)
+    if (cache.head_length(seq, layer, h) == 0) return status::empty_sequence;
   for (int32_t h = 0; h < shape.kv_heads; ++h) {
     const size_t off = static_cast<size_t>(h) * group * d;
     const status s = attend_head(q.subspan(off, group * d), group, shape.head_dim, cache.keys(seq, layer, h),

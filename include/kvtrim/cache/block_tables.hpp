@@ -1,0 +1,326 @@
+#pragma once
+//! \file block_tables.hpp
+//! The host metadata of the paged per-head cache, shared by its host and device variants:
+//! which sequences are alive, the block table and length of every (sequence, layer, KV head),
+//! and the pool of free blocks. It decides where tokens go and which blocks a compaction
+//! frees; the cache that owns it moves the data (docs/cache.md).
+//!
+//! Every mutating call validates everything first, computes the data steps, runs the caller's
+//! data step, and commits the metadata only if that step succeeded: on any error nothing
+//! changed (strong guarantee). Every committed change is also journaled, so a device mirror
+//! of the tables can be updated with one scatter per operation.
+
+#include <algorithm>
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kvtrim/cache/block_pool.hpp"
+#include "kvtrim/cache/paged_layout.hpp"
+#include "kvtrim/config.hpp"
+#include "kvtrim/plan/eviction_plan.hpp"
+#include "kvtrim/policy/budget/global_blocks.hpp"
+#include "kvtrim/status.hpp"
+
+KVTRIM_NAMESPACE_BEGIN
+
+//! A callable that performs a data step and reports whether it succeeded.
+template <class F, class... Args>
+concept status_step = std::invocable<F, Args...> && std::same_as<std::invoke_result_t<F, Args...>, status>;
+
+//! One committed change of the metadata, to replay onto a device mirror.
+struct metadata_write {
+  int64_t index;  //!< flat index into block_tables [S][L][H][max_blocks] or lengths [S][L][H]
+  int32_t value;
+};
+
+//! A compaction move between physical slots of the pool (K, V, position and metric travel).
+struct physical_move {
+  int64_t dst;
+  int64_t src;
+};
+
+//! The data steps of applying one eviction plan, in physical slots, computed before anything
+//! changes. Reused between calls so a steady state allocates nothing.
+struct compaction_steps {
+  std::vector<int64_t> metric_slots;  //!< [sum of lengths] physical slot of every slot, when the plan writes metrics
+  std::vector<float> metric_values;   //!< [sum of lengths] the plan's metric of that slot
+  std::vector<physical_move> moves;   //!< MoveCache moves of every head; no two share a dst or a src
+  std::vector<slot_move> head_moves;  //!< scratch: one head's moves in logical slots
+};
+
+class block_tables {
+ public:
+  block_tables() = default;
+
+  //! Validates `config` and sets up an empty cache: no sequence, every block free.
+  //! `bytes_per_block` is what one block costs in the store (memory accounting only).
+  [[nodiscard]] static status create(const paged_cache_config& config, int64_t bytes_per_block, block_tables& out) {
+    if (const status s = config.validate(); s != status::success) return s;
+    if (bytes_per_block < 0) return status::invalid_argument;
+    block_tables t;
+    t.config_ = config;
+    t.bytes_per_block_ = bytes_per_block;
+    t.pool_ = block_pool(config.num_blocks);
+    t.ids_.assign(static_cast<size_t>(config.max_sequences), no_sequence);
+    const size_t heads = static_cast<size_t>(config.max_sequences) * static_cast<size_t>(config.heads_per_sequence());
+    t.lengths_.assign(heads, 0);
+    t.tables_.assign(heads * static_cast<size_t>(config.max_blocks_per_head()), no_block);
+    out = std::move(t);
+    return status::success;
+  }
+
+  [[nodiscard]] const paged_cache_config& config() const noexcept { return config_; }
+  [[nodiscard]] const block_pool& pool() const noexcept { return pool_; }
+  [[nodiscard]] int64_t bytes_per_block() const noexcept { return bytes_per_block_; }
+
+  // ---- sequences
+
+  [[nodiscard]] bool contains(int64_t seq) const noexcept { return sequence_slot(seq) >= 0; }
+  //! The row of `seq` in the tables, or -1.
+  [[nodiscard]] int32_t sequence_slot(int64_t seq) const noexcept {
+    if (seq < 0) return -1;
+    const auto it = std::find(ids_.begin(), ids_.end(), seq);
+    return it == ids_.end() ? -1 : static_cast<int32_t>(it - ids_.begin());
+  }
+  //! The sequence in row `slot`, or -1 if the row is free.
+  [[nodiscard]] int64_t sequence_id(int32_t slot) const noexcept {
+    return slot >= 0 && slot < config_.max_sequences ? ids_[static_cast<size_t>(slot)] : no_sequence;
+  }
+
+  //! Adds an empty sequence. invalid_argument if `seq` is negative or already present;
+  //! pool_exhausted if all `max_sequences` rows are taken.
+  [[nodiscard]] status add_sequence(int64_t seq) {
+    if (seq < 0 || contains(seq)) return status::invalid_argument;
+    const auto it = std::find(ids_.begin(), ids_.end(), no_sequence);
+    if (it == ids_.end()) return status::pool_exhausted;
+    *it = seq;
+    return status::success;
+  }
+
+  //! Returns every block of `seq` to the pool and forgets it.
+  [[nodiscard]] status free_sequence(int64_t seq) {
+    const int32_t row = sequence_slot(seq);
+    if (row < 0) return status::unknown_sequence;
+    for (int32_t l = 0; l < config_.shape.layers; ++l)
+      for (int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+        if (const status s = shrink(row, l, h, 0); s != status::success) return s;
+      }
+    ids_[static_cast<size_t>(row)] = no_sequence;
+    return status::success;
+  }
+
+  // ---- heads
+
+  [[nodiscard]] bool valid_head(int32_t l, int32_t h) const noexcept {
+    return l >= 0 && l < config_.shape.layers && h >= 0 && h < config_.shape.kv_heads;
+  }
+  //! Tokens in head (seq, l, h); 0 for an unknown sequence or head.
+  [[nodiscard]] int32_t length(int64_t seq, int32_t l, int32_t h) const noexcept {
+    const int32_t row = sequence_slot(seq);
+    return row >= 0 && valid_head(l, h) ? lengths_[head_index(row, l, h)] : 0;
+  }
+  //! The blocks of head (seq, l, h) in slot order; empty for an unknown sequence or head.
+  [[nodiscard]] std::span<const int32_t> blocks(int64_t seq, int32_t l, int32_t h) const noexcept {
+    const int32_t row = sequence_slot(seq);
+    if (row < 0 || !valid_head(l, h)) return {};
+    const size_t head = head_index(row, l, h);
+    return {tables_.data() + head * max_blocks(), static_cast<size_t>(blocks_for(lengths_[head], config_.block_size))};
+  }
+  //! Physical slot of slot `j` of a head whose blocks are `blocks`.
+  [[nodiscard]] int64_t physical_slot(std::span<const int32_t> blocks, int32_t j) const noexcept {
+    const int32_t bs = config_.block_size;
+    return static_cast<int64_t>(blocks[static_cast<size_t>(j / bs)]) * bs + j % bs;
+  }
+
+  //! The whole metadata, as a device mirror holds it.
+  [[nodiscard]] std::span<const int32_t> table_data() const noexcept { return tables_; }    // [S][L][H][max_blocks]
+  [[nodiscard]] std::span<const int32_t> length_data() const noexcept { return lengths_; }  // [S][L][H]
+
+  // ---- memory accounting
+
+  [[nodiscard]] memory_usage usage(int64_t seq, int32_t l, int32_t h) const noexcept {
+    const int32_t n = length(seq, l, h);
+    const int64_t b = blocks_for(n, config_.block_size);
+    return {n, b, b * bytes_per_block_};
+  }
+  //! One layer of a sequence (all its heads).
+  [[nodiscard]] memory_usage usage(int64_t seq, int32_t l) const noexcept {
+    memory_usage u;
+    for (int32_t h = 0; h < config_.shape.kv_heads; ++h) u = add(u, usage(seq, l, h));
+    return u;
+  }
+  //! A whole sequence; all zero for an unknown one.
+  [[nodiscard]] memory_usage usage(int64_t seq) const noexcept {
+    memory_usage u;
+    for (int32_t l = 0; l < config_.shape.layers; ++l) u = add(u, usage(seq, l));
+    return u;
+  }
+  [[nodiscard]] pool_usage pool_state() const noexcept {
+    return {pool_.capacity(), pool_.used_count(), bytes_per_block_};
+  }
+
+  // ---- operations
+
+  //! Appends `tokens` tokens to every head of layers [first, first + layers) of `seq`.
+  //! `slots` [layers][tokens][H] receives the physical slot of each new token (vLLM's
+  //! slot_mapping per KV head); then `write()` stores the data and, if it succeeds, the
+  //! blocks are taken and the lengths grow. Errors: unknown_sequence; invalid_argument for a
+  //! bad layer range, no tokens, or a head that would pass max_tokens_per_head;
+  //! shape_mismatch for a wrong `slots` size; pool_exhausted when the pool has fewer free
+  //! blocks than the heads need together.
+  template <status_step Write>
+  [[nodiscard]] status append(int64_t seq, int32_t first, int32_t layers, int32_t tokens, std::span<int64_t> slots,
+                              Write&& write) {
+    const int32_t row = sequence_slot(seq);
+    if (row < 0) return status::unknown_sequence;
+    const int32_t heads = config_.shape.kv_heads;
+    if (first < 0 || layers < 1 || layers > config_.shape.layers - first || tokens < 1) return status::invalid_argument;
+    if (slots.size() != static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads))
+      return status::shape_mismatch;
+    int64_t needed = 0;
+    for (int32_t l = first; l < first + layers; ++l)
+      for (int32_t h = 0; h < heads; ++h) {
+        const int32_t n = lengths_[head_index(row, l, h)];
+        if (n > config_.max_tokens_per_head - tokens) return status::invalid_argument;
+        needed += blocks_for(n + tokens, config_.block_size) - blocks_for(n, config_.block_size);
+      }
+    if (needed > pool_.free_count()) return status::pool_exhausted;
+
+    // Where each token goes, taking new blocks in the order allocate() will hand them out.
+    const std::span<const int32_t> free_list = pool_.free_list();
+    size_t taken = 0;
+    const int32_t bs = config_.block_size;
+    for (int32_t l = first; l < first + layers; ++l)
+      for (int32_t h = 0; h < heads; ++h) {
+        const size_t head = head_index(row, l, h);
+        const int32_t n = lengths_[head];
+        const int32_t owned = blocks_for(n, bs);
+        const int32_t* table = tables_.data() + head * max_blocks();
+        for (int32_t t = 0; t < tokens; ++t) {
+          const int32_t j = n + t;
+          const int32_t b = j / bs;
+          const int32_t block = b < owned ? table[b] : free_list[free_list.size() - 1 - taken - static_cast<size_t>(b - owned)];
+          slots[(static_cast<size_t>(l - first) * tokens + static_cast<size_t>(t)) * heads + static_cast<size_t>(h)] =
+              static_cast<int64_t>(block) * bs + j % bs;
+        }
+        taken += static_cast<size_t>(blocks_for(n + tokens, bs) - owned);
+      }
+    if (const status s = write(); s != status::success) return s;
+
+    for (int32_t l = first; l < first + layers; ++l)
+      for (int32_t h = 0; h < heads; ++h) {
+        const size_t head = head_index(row, l, h);
+        const int32_t owned = blocks_for(lengths_[head], bs);
+        const int32_t grown = blocks_for(lengths_[head] + tokens, bs);
+        const std::span<int32_t> fresh(tables_.data() + head * max_blocks() + owned, static_cast<size_t>(grown - owned));
+        if (const status s = pool_.allocate(fresh); s != status::success) return s;
+        for (size_t i = 0; i < fresh.size(); ++i)
+          table_writes_.push_back({static_cast<int64_t>(head * max_blocks()) + owned + static_cast<int64_t>(i), fresh[i]});
+        lengths_[head] += tokens;
+        length_writes_.push_back({static_cast<int64_t>(head), lengths_[head]});
+      }
+    return status::success;
+  }
+
+  //! Applies `plan` to `seq`: validates it against the current lengths (invalid_plan),
+  //! fills `steps` with the metric writes and MoveCache moves in physical slots, runs
+  //! `move(steps)`, and then shortens every head to its kept count and returns the emptied
+  //! trailing blocks to the pool.
+  template <status_step<const compaction_steps&> Move>
+  [[nodiscard]] status apply(int64_t seq, const eviction_plan& plan, compaction_steps& steps, Move&& move) {
+    const int32_t row = sequence_slot(seq);
+    if (row < 0) return status::unknown_sequence;
+    const int32_t layers = config_.shape.layers, heads = config_.shape.kv_heads;
+    if (plan.layers() != layers || plan.heads() != heads) return status::invalid_plan;
+    const std::span<const int32_t> current(lengths_.data() + head_index(row, 0, 0), static_cast<size_t>(layers) * heads);
+    if (const status s = plan.validate(current); s != status::success) return s;
+
+    steps.metric_slots.clear();
+    steps.metric_values.clear();
+    steps.moves.clear();
+    for (int32_t l = 0; l < layers; ++l)
+      for (int32_t h = 0; h < heads; ++h) {
+        const std::span<const int32_t> table = blocks(seq, l, h);
+        if (!plan.metrics.empty()) {
+          const std::span<const float> m = plan.metrics.row(l, h);
+          for (size_t j = 0; j < m.size(); ++j) steps.metric_slots.push_back(physical_slot(table, static_cast<int32_t>(j)));
+          steps.metric_values.insert(steps.metric_values.end(), m.begin(), m.end());
+        }
+        compaction_moves(plan.length_before(l, h), plan.kept(l, h), steps.head_moves);
+        for (const slot_move& mv : steps.head_moves)
+          steps.moves.push_back({physical_slot(table, mv.dst), physical_slot(table, mv.src)});
+      }
+    if (const status s = move(std::as_const(steps)); s != status::success) return s;
+
+    for (int32_t l = 0; l < layers; ++l)
+      for (int32_t h = 0; h < heads; ++h) {
+        if (const status s = shrink(row, l, h, plan.kept_count(l, h)); s != status::success) return s;
+      }
+    return status::success;
+  }
+
+  // ---- journal
+
+  [[nodiscard]] std::span<const metadata_write> table_writes() const noexcept { return table_writes_; }
+  [[nodiscard]] std::span<const metadata_write> length_writes() const noexcept { return length_writes_; }
+  //! Forgets the journal once the owner has replayed it (or needs no mirror).
+  void clear_journal() noexcept {
+    table_writes_.clear();
+    length_writes_.clear();
+  }
+
+  //! Same sequences, tables, lengths and free list (the journal is not state).
+  friend bool operator==(const block_tables& a, const block_tables& b) {
+    return a.config_ == b.config_ && a.bytes_per_block_ == b.bytes_per_block_ && a.pool_ == b.pool_ &&
+           a.ids_ == b.ids_ && a.lengths_ == b.lengths_ && a.tables_ == b.tables_;
+  }
+
+  static constexpr int64_t no_sequence = -1;
+  static constexpr int32_t no_block = -1;
+
+ private:
+  [[nodiscard]] size_t max_blocks() const noexcept { return static_cast<size_t>(config_.max_blocks_per_head()); }
+  [[nodiscard]] size_t head_index(int32_t row, int32_t l, int32_t h) const noexcept {
+    return (static_cast<size_t>(row) * config_.shape.layers + static_cast<size_t>(l)) * config_.shape.kv_heads +
+           static_cast<size_t>(h);
+  }
+  [[nodiscard]] static memory_usage add(memory_usage a, memory_usage b) noexcept {
+    return {a.tokens + b.tokens, a.blocks + b.blocks, a.bytes + b.bytes};
+  }
+
+  //! Cuts head (row, l, h) to `length` tokens and returns its emptied trailing blocks.
+  [[nodiscard]] status shrink(int32_t row, int32_t l, int32_t h, int32_t length) {
+    const size_t head = head_index(row, l, h);
+    const int32_t keep = blocks_for(length, config_.block_size);
+    const int32_t owned = blocks_for(lengths_[head], config_.block_size);
+    int32_t* table = tables_.data() + head * max_blocks();
+    // The table owns these blocks, so the pool's double-free check cannot fire unless the
+    // metadata was corrupted; it is reported all the same.
+    if (const status s = pool_.release({table + keep, static_cast<size_t>(owned - keep)}); s != status::success)
+      return s;
+    for (int32_t b = keep; b < owned; ++b) {
+      table[b] = no_block;
+      table_writes_.push_back({static_cast<int64_t>(head * max_blocks()) + b, no_block});
+    }
+    if (lengths_[head] != length) {
+      lengths_[head] = length;
+      length_writes_.push_back({static_cast<int64_t>(head), length});
+    }
+    return status::success;
+  }
+
+  paged_cache_config config_{};
+  int64_t bytes_per_block_ = 0;
+  block_pool pool_;
+  std::vector<int64_t> ids_;      // [max_sequences] sequence id of each row, no_sequence if free
+  std::vector<int32_t> lengths_;  // [max_sequences][L][H] tokens
+  std::vector<int32_t> tables_;   // [max_sequences][L][H][max_blocks_per_head] block ids, no_block past the end
+  std::vector<metadata_write> table_writes_;   // journal since the last clear_journal()
+  std::vector<metadata_write> length_writes_;  // journal since the last clear_journal()
+};
+
+KVTRIM_NAMESPACE_END

@@ -1,0 +1,110 @@
+// The device variant of the paged cache, run through its host fallback mover over host
+// memory standing in for device buffers: the pool and the table mirror live in the caller's
+// buffers, and the mirror follows the host tables after every operation.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "cache_invariants.hpp"
+#include "kvtrim/kvtrim.hpp"
+#include "paged_fixtures.hpp"
+
+using namespace kvtrim;
+using paged_fixtures::gaussian;
+using paged_fixtures::iota_positions;
+
+namespace {
+const attention_shape model{2, 4, 2, 8};
+const paged_cache_config config{model, 4, 40, 2, 32};
+
+template <kv_element T>
+std::vector<T> to_storage(const std::vector<float>& x) {
+  std::vector<T> out(x.size());
+  std::transform(x.begin(), x.end(), out.begin(), [](float f) { return from_float<T>(f); });
+  return out;
+}
+}  // namespace
+
+TEST_CASE("the device cache writes its pool and table mirror into the caller's buffers", "[cpu][cache][device]") {
+  paged_fixtures::device_memory<bfloat16> memory(config);
+  device_paged_cache<bfloat16> cache;
+  REQUIRE(device_paged_cache<bfloat16>::create(config, device_storage<bfloat16>{memory.buffers(), host_mover{}}, cache) ==
+          status::success);
+  // create() initialised the mirror: no blocks, no tokens.
+  CHECK(std::all_of(memory.tables.begin(), memory.tables.end(), [](int32_t b) { return b == block_tables::no_block; }));
+  CHECK(std::all_of(memory.lengths.begin(), memory.lengths.end(), [](int32_t n) { return n == 0; }));
+
+  REQUIRE(cache.add_sequence(12) == status::success);
+  std::mt19937 rng(2);
+  const size_t count = static_cast<size_t>(model.layers) * 9 * model.kv_heads * model.head_dim;
+  const auto k = gaussian<bfloat16>(rng, count), v = gaussian<bfloat16>(rng, count);
+  const auto k16 = to_storage<bfloat16>(k), v16 = to_storage<bfloat16>(v);
+  REQUIRE(cache.append(12, iota_positions(0, 9), k16, v16) == status::success);
+  CHECK(cache_invariants::check_mirror(cache.tables(), memory.tables, memory.lengths).empty());
+
+  // Token 5 of head (1, 0) is where the mirror says, in the caller's key buffer.
+  const int32_t row = cache.tables().sequence_slot(12);
+  const size_t head = (static_cast<size_t>(row) * model.layers + 1) * model.kv_heads + 0;
+  CHECK(memory.lengths[head] == 9);
+  const int32_t block = memory.tables[head * config.max_blocks_per_head() + 5 / 4];
+  const size_t slot = static_cast<size_t>(block) * 4 + 5 % 4;
+  const size_t src = ((1 * 9 + 5) * static_cast<size_t>(model.kv_heads) + 0) * model.head_dim;
+  for (size_t c = 0; c < 8; ++c) CHECK(to_float(memory.keys[slot * 8 + c]) == k[src + c]);
+  CHECK(memory.positions[slot] == 5);
+
+  // Compression: planned on the host through read_head, applied through the mover.
+  const auto p = kv_compress({.budget = token_budget::of_tokens(4), .block_size = 4, .protected_window = 2});
+  cpu::compression_result planned;
+  REQUIRE(cpu::plan(p, cache, 12, model, {}, 0, model.layers, planned) == status::success);
+  const int64_t before = cache.pool().used_blocks;
+  REQUIRE(cache.apply(12, planned.plan) == status::success);
+  CHECK(cache.pool().used_blocks < before);
+  CHECK(cache_invariants::check_mirror(cache.tables(), memory.tables, memory.lengths).empty());
+  CHECK(cache_invariants::check_tables(cache.tables()).empty());
+
+  REQUIRE(cache.free_sequence(12) == status::success);
+  CHECK(cache_invariants::check_mirror(cache.tables(), memory.tables, memory.lengths).empty());
+  CHECK(std::all_of(memory.lengths.begin(), memory.lengths.end(), [](int32_t n) { return n == 0; }));
+}
+
+TEST_CASE("the device cache holds what the host cache holds after the same operations", "[cpu][cache][device]") {
+  paged_fixtures::device_memory<float16> memory(config);
+  device_paged_cache<float16, 8> device;
+  REQUIRE(device_paged_cache<float16, 8>::create(config, device_storage<float16>{memory.buffers(), host_mover{}}, device) ==
+          status::success);
+  auto host = paged_fixtures::make_cache<paged_cache<float16, 8>>(config);
+  std::mt19937 rng(4);
+  const std::vector<int64_t> seqs{0, 1};
+  for (const int64_t seq : seqs) {
+    REQUIRE(host.add_sequence(seq) == status::success);
+    REQUIRE(device.add_sequence(seq) == status::success);
+    const size_t count = static_cast<size_t>(model.layers) * 20 * model.kv_heads * model.head_dim;
+    const auto k = gaussian<float16>(rng, count), v = gaussian<float16>(rng, count);
+    REQUIRE(host.append(seq, iota_positions(0, 20), k, v) == status::success);
+    REQUIRE(device.append(seq, iota_positions(0, 20), to_storage<float16>(k), to_storage<float16>(v)) == status::success);
+  }
+  const auto queries = gaussian(rng, static_cast<size_t>(model.layers) * 4 * model.q_heads * model.head_dim, 2.f);
+  const auto observed = iota_positions(16, 4);
+  const auto p = ada_kv({.budget = token_budget::of_tokens(7), .window = 3});
+  REQUIRE(cpu::compress(p, host, 1, model, {queries, observed}) == status::success);
+  cpu::compression_result planned;
+  REQUIRE(cpu::plan(p, device, 1, model, {queries, observed}, 0, model.layers, planned) == status::success);
+  REQUIRE(device.apply(1, planned.plan) == status::success);
+  CHECK(paged_fixtures::take_dump(device, seqs) == paged_fixtures::take_dump(host, seqs));
+  CHECK(device.tables() == host.tables());
+  CHECK(device.pool() == host.pool());
+}
+
+TEST_CASE("the device cache reports the buffer sizes it needs", "[cpu][cache][device]") {
+  const paged_buffer_sizes s = buffer_sizes<bfloat16>({{32, 32, 8, 128}, 16, 1000, 8, 4096});
+  CHECK(s.keys == 1000u * 16 * 128 * 2);
+  CHECK(s.values == s.keys);
+  CHECK(s.positions == 1000u * 16 * 4);
+  CHECK(s.metrics == 1000u * 16 * 4);
+  CHECK(s.block_tables == 8u * 32 * 8 * 256 * 4);
+  CHECK(s.lengths == 8u * 32 * 8 * 4);
+  CHECK(s.total() == s.keys + s.values + s.positions + s.metrics + s.block_tables + s.lengths);
+}
