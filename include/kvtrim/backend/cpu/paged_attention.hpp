@@ -13,6 +13,7 @@
 #include <span>
 #include <vector>
 
+#include "kvtrim/backend/cpu/attention.hpp"
 #include "kvtrim/cache/dense_view.hpp"
 #include "kvtrim/cache/paged_cache.hpp"
 #include "kvtrim/cache/slot_mover.hpp"
@@ -23,85 +24,6 @@
 
 KVTRIM_NAMESPACE_BEGIN
 namespace cpu {
-namespace detail {
-
-//! Calls f(j, physical slot) for the head's slots in slot order, one block at a time.
-template <std::invocable<int32_t, int64_t> F>
-void for_each_slot(const head_slots& head, F&& f) {
-  int32_t j = 0;
-  for (const int32_t block : head.blocks) {
-    const int64_t base = static_cast<int64_t>(block) * head.block_size;
-    for (int32_t o = 0; o < head.block_size && j < head.length; ++o, ++j) f(j, base + o);
-  }
-}
-
-//! attend_head over the slots of `head` in pool arrays keys, values [slots][d] and metrics
-//! [slots]: the G query heads `q` [G][d] -> `out` [G][d]; with `acc` != none, each slot's
-//! metric += the group reduction of p or p^2. `scratch` holds [G][n] probabilities.
-//! Requires a non-empty head and q, out of G * d (check_decode).
-template <int32_t HeadDim, kv_element T>
-void attend_slots(std::span<const float> q, int32_t group, int32_t head_dim, const head_slots& head,
-                                  const T* keys, const T* values, float* metrics, std::span<float> out,
-                                  decode_accumulation acc, gqa_reduce reduce, std::vector<float>& scratch) {
-  const auto d = static_cast<size_t>(HeadDim != dynamic_head_dim ? HeadDim : head_dim);
-  const auto n = static_cast<size_t>(head.length);
-  const float sqrt_d = std::sqrt(static_cast<float>(d));
-  scratch.assign(static_cast<size_t>(group) * n, 0.f);  // [G][n] probabilities
-  for (int32_t g = 0; g < group; ++g) {
-    const float* qg = q.data() + static_cast<size_t>(g) * d;
-    float* p = scratch.data() + static_cast<size_t>(g) * n;
-    float max_logit = -std::numeric_limits<float>::infinity();
-    for_each_slot(head, [&](int32_t j, int64_t slot) {
-      const T* k = keys + static_cast<size_t>(slot) * d;
-      float dot = 0.f;
-      for (size_t c = 0; c < d; ++c) dot += qg[c] * to_float(k[c]);
-      p[j] = dot / sqrt_d;
-      max_logit = std::max(max_logit, p[j]);
-    });
-    float denom = 0.f;
-    for (size_t j = 0; j < n; ++j) {
-      p[j] = std::exp(p[j] - max_logit);
-      denom += p[j];
-    }
-    float* o = out.data() + static_cast<size_t>(g) * d;
-    std::fill(o, o + d, 0.f);
-    for_each_slot(head, [&](int32_t j, int64_t slot) {
-      p[j] /= denom;
-      const T* v = values + static_cast<size_t>(slot) * d;
-      for (size_t c = 0; c < d; ++c) o[c] += p[j] * to_float(v[c]);
-    });
-  }
-  if (acc == decode_accumulation::none) return;
-  for_each_slot(head, [&](int32_t j, int64_t slot) {
-    float v = 0.f;
-    for (int32_t g = 0; g < group; ++g) {
-      float x = scratch[static_cast<size_t>(g) * n + static_cast<size_t>(j)];
-      if (acc == decode_accumulation::squared_sum) x *= x;
-      v = (reduce == gqa_reduce::max) ? (g == 0 ? x : std::max(v, x)) : v + x;
-    }
-    if (reduce == gqa_reduce::mean) v /= static_cast<float>(group);
-    metrics[slot] += v;
-  });
-}
-
-//! The checks decode_attention makes before touching any metric; `group` receives
-//! Hq / stored heads. empty_sequence if any head of the layer is empty.
-template <kv_store S>
-[[nodiscard]] status check_decode(const S& store, int64_t seq, int32_t layer, int32_t q_heads,
-                                  std::span<const float> q, std::span<const float> out, int32_t& group) {
-  if (!store.contains(seq)) return status::unknown_sequence;
-  const attention_shape shape = store.shape();
-  if (layer < 0 || layer >= shape.layers) return status::invalid_argument;
-  if (q_heads < shape.kv_heads || q_heads % shape.kv_heads != 0) return status::invalid_group;
-  const size_t size = static_cast<size_t>(q_heads) * static_cast<size_t>(shape.head_dim);
-  if (q.size() != size || out.size() != size) return status::shape_mismatch;
-  for (int32_t h = 0; h < shape.kv_heads; ++h)
-    if (store.head_length(seq, layer, h) == 0) return status::empty_sequence;
-  group = q_heads / shape.kv_heads;
-  return status::success;
-}
-
-}  // namespace detail
 
 //! Decode attention of one layer of `seq` in a host paged cache: q [Hq][d] -> out [Hq][d];
 //! query head i reads stored head i / (Hq / stored heads). With `acc` != none the slot

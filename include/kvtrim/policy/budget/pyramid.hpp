@@ -10,6 +10,7 @@
 
 #include "kvtrim/concepts.hpp"
 #include "kvtrim/config.hpp"
+#include "kvtrim/policy/budget/uniform.hpp"
 
 KVTRIM_NAMESPACE_BEGIN
 
@@ -82,16 +83,7 @@ struct pyramid_budget {
 
   [[nodiscard]] status allocate(const candidate_table& table, const allocation_context& ctx,
                                 std::span<int32_t> select) const {
-    if (select.size() != static_cast<size_t>(table.layers()) * table.heads()) return status::shape_mismatch;
-    for (int32_t l = 0; l < table.layers(); ++l)
-      for (int32_t h = 0; h < table.heads(); ++h) {
-        const head_candidates& c = table.at(l, h);
-        const int32_t nominal = nominal_select(ctx.first_layer + l, ctx.total_layers, c.length,
-                                               static_cast<int32_t>(c.protected_slots.size()));
-        select[static_cast<size_t>(l) * table.heads() + h] =
-            std::clamp(nominal, 0, static_cast<int32_t>(c.ranked.size()));
-      }
-    return status::success;
+    return detail::allocate_nominal(*this, table, ctx, select);
   }
 };
 static_assert(budget_allocator<pyramid_budget>);

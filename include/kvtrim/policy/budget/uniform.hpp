@@ -11,6 +11,24 @@
 
 KVTRIM_NAMESPACE_BEGIN
 
+namespace detail {
+//! Every head keeps `a.nominal_select(...)` candidates, clipped to what it has: the allocation
+//! of the budgets that need no scores (uniform, pyramid).
+template <class A>
+[[nodiscard]] status allocate_nominal(const A& a, const candidate_table& table, const allocation_context& ctx,
+                                      std::span<int32_t> select) {
+  if (select.size() != static_cast<size_t>(table.layers()) * table.heads()) return status::shape_mismatch;
+  for (int32_t l = 0; l < table.layers(); ++l)
+    for (int32_t h = 0; h < table.heads(); ++h) {
+      const head_candidates& c = table.at(l, h);
+      const int32_t nominal = a.nominal_select(ctx.first_layer + l, ctx.total_layers, c.length,
+                                               static_cast<int32_t>(c.protected_slots.size()));
+      select[static_cast<size_t>(l) * table.heads() + h] = std::clamp(nominal, 0, static_cast<int32_t>(c.ranked.size()));
+    }
+  return status::success;
+}
+}  // namespace detail
+
 struct uniform_budget {
   using kvc_concept = budget_allocator_tag;
   static constexpr allocation_scope scope = allocation_scope::per_layer;
@@ -34,16 +52,7 @@ struct uniform_budget {
 
   [[nodiscard]] status allocate(const candidate_table& table, const allocation_context& ctx,
                                 std::span<int32_t> select) const {
-    if (select.size() != static_cast<size_t>(table.layers()) * table.heads()) return status::shape_mismatch;
-    for (int32_t l = 0; l < table.layers(); ++l)
-      for (int32_t h = 0; h < table.heads(); ++h) {
-        const head_candidates& c = table.at(l, h);
-        const auto nominal = nominal_select(ctx.first_layer + l, ctx.total_layers, c.length,
-                                            static_cast<int32_t>(c.protected_slots.size()));
-        select[static_cast<size_t>(l) * table.heads() + h] =
-            std::clamp(nominal, 0, static_cast<int32_t>(c.ranked.size()));
-      }
-    return status::success;
+    return detail::allocate_nominal(*this, table, ctx, select);
   }
 };
 static_assert(budget_allocator<uniform_budget>);

@@ -14,13 +14,28 @@
 KVTRIM_NAMESPACE_BEGIN
 
 namespace detail {
-//! Protected slots plus the first `count` ranked candidates, ascending, into `plan`.
-inline void keep_best(const head_candidates& c, int32_t count, int32_t l, int32_t h, eviction_plan& plan,
-                      std::vector<int32_t>& kept) {
-  kept.assign(c.protected_slots.begin(), c.protected_slots.end());
-  for (int32_t j = 0; j < count; ++j) kept.push_back(c.ranked[static_cast<size_t>(j)].slot);
-  std::sort(kept.begin(), kept.end());
-  plan.set_head(l, h, c.length, kept);
+//! Writes, for every head, its protected slots plus its first `kept(c, select)` ranked
+//! candidates (ascending) into `out`; `select` [L][H] as the allocator decided.
+template <class KeptCount>
+[[nodiscard]] status plan_heads(const candidate_table& table, std::span<const int32_t> select, eviction_plan& out,
+                                KeptCount kept_count) {
+  if (select.size() != static_cast<size_t>(table.layers()) * table.heads()) return status::shape_mismatch;
+  eviction_plan result(table.layers(), table.heads());
+  std::vector<int32_t> kept;
+  for (int32_t l = 0; l < table.layers(); ++l)
+    for (int32_t h = 0; h < table.heads(); ++h) {
+      const head_candidates& c = table.at(l, h);
+      const int32_t count = select[static_cast<size_t>(l) * table.heads() + h];
+      if (count < 0 || count > static_cast<int32_t>(c.ranked.size())) return status::invalid_argument;
+      if (c.length > 0 && count + static_cast<int32_t>(c.protected_slots.size()) == 0) return status::invalid_plan;
+      kept.assign(c.protected_slots.begin(), c.protected_slots.end());
+      const int32_t best = kept_count(c, count);
+      for (int32_t j = 0; j < best; ++j) kept.push_back(c.ranked[static_cast<size_t>(j)].slot);
+      std::sort(kept.begin(), kept.end());
+      result.set_head(l, h, c.length, kept);
+    }
+  out = std::move(result);
+  return status::success;
 }
 }  // namespace detail
 
@@ -31,19 +46,7 @@ struct topk_evictor {
   [[nodiscard]] status validate() const noexcept { return status::success; }
 
   [[nodiscard]] status plan(const candidate_table& table, std::span<const int32_t> select, eviction_plan& out) const {
-    if (select.size() != static_cast<size_t>(table.layers()) * table.heads()) return status::shape_mismatch;
-    eviction_plan result(table.layers(), table.heads());
-    std::vector<int32_t> kept;
-    for (int32_t l = 0; l < table.layers(); ++l)
-      for (int32_t h = 0; h < table.heads(); ++h) {
-        const head_candidates& c = table.at(l, h);
-        const int32_t count = select[static_cast<size_t>(l) * table.heads() + h];
-        if (count < 0 || count > static_cast<int32_t>(c.ranked.size())) return status::invalid_argument;
-        if (c.length > 0 && count + static_cast<int32_t>(c.protected_slots.size()) == 0) return status::invalid_plan;
-        detail::keep_best(c, count, l, h, result, kept);
-      }
-    out = std::move(result);
-    return status::success;
+    return detail::plan_heads(table, select, out, [](const head_candidates&, int32_t count) { return count; });
   }
 };
 static_assert(evictor<topk_evictor>);
@@ -63,23 +66,11 @@ struct block_evictor {
 
   [[nodiscard]] status plan(const candidate_table& table, std::span<const int32_t> select, eviction_plan& out) const {
     if (const status s = validate(); s != status::success) return s;
-    if (select.size() != static_cast<size_t>(table.layers()) * table.heads()) return status::shape_mismatch;
-    eviction_plan result(table.layers(), table.heads());
-    std::vector<int32_t> kept;
-    for (int32_t l = 0; l < table.layers(); ++l)
-      for (int32_t h = 0; h < table.heads(); ++h) {
-        const head_candidates& c = table.at(l, h);
-        const int32_t count = select[static_cast<size_t>(l) * table.heads() + h];
-        const auto ranked = static_cast<int32_t>(c.ranked.size());
-        if (count < 0 || count > ranked) return status::invalid_argument;
-        const auto protected_count = static_cast<int32_t>(c.protected_slots.size());
-        if (c.length > 0 && count + protected_count == 0) return status::invalid_plan;
-        const int32_t whole = (count + protected_count + block_size - 1) / block_size * block_size;
-        const int32_t aligned = std::min(ranked, std::max(count, whole - protected_count));
-        detail::keep_best(c, aligned, l, h, result, kept);
-      }
-    out = std::move(result);
-    return status::success;
+    return detail::plan_heads(table, select, out, [bs = block_size](const head_candidates& c, int32_t count) {
+      const auto protected_count = static_cast<int32_t>(c.protected_slots.size());
+      const int32_t whole = (count + protected_count + bs - 1) / bs * bs;
+      return std::min(static_cast<int32_t>(c.ranked.size()), std::max(count, whole - protected_count));
+    });
   }
 };
 static_assert(evictor<block_evictor>);
