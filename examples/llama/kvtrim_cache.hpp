@@ -200,7 +200,7 @@ class kvtrim_cache {
                       q.begin() + static_cast<std::ptrdiff_t>(dst));
         }
     }
-    check(session_.finish_prefill(seq, kvtrim::cpu::observation{q, pos}), "kvtrim compression");
+    check(session_.compress(seq, kvtrim::cpu::observation{q, pos}), "kvtrim compression");
   }
 
   //! Frees the sequence (its blocks return to the pool) and starts a new one at position 0.

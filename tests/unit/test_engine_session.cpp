@@ -208,6 +208,7 @@ TEST_CASE("session bad input: every call on an unknown sequence", "[cpu][cache][
   CHECK(session.append(4, 0, iota_positions(0, 1), kv, kv) == status::unknown_sequence);
   CHECK(session.append(4, iota_positions(0, 1), kv, kv) == status::unknown_sequence);
   CHECK(session.finish_prefill(4, {}) == status::unknown_sequence);
+  CHECK(session.compress(4, {}) == status::unknown_sequence);
   CHECK(session.attend(4, 0, q, out) == status::unknown_sequence);
   CHECK(session.end_decode_step(4, compressed) == status::unknown_sequence);
   CHECK_FALSE(compressed);
@@ -230,6 +231,24 @@ TEST_CASE("session bad input: a scheduled compression that fails does not count 
   CHECK_FALSE(compressed);
   CHECK(session.decode_steps(0) == 0);
   CHECK(cache.head_length(0, 0, 0) == prompt);
+}
+
+TEST_CASE("compress evicts now, whatever the schedule, and keeps the step count", "[cpu][cache][engine]") {
+  auto cache = paged_fixtures::make_cache<paged_cache<float>>(config);
+  compression_session session(cache, model, streaming_llm({.budget = token_budget::of_tokens(10), .sinks = 2}));
+  REQUIRE(session.add_sequence(0) == status::success);
+  const engine_inputs in(5);
+  REQUIRE(session.append(0, iota_positions(0, prompt), in.k, in.v) == status::success);
+  const int64_t blocks_before = cache.usage(0).blocks;
+  REQUIRE(session.compress(0, {}) == status::success);
+  CHECK(cache.head_length(0, 1, 1) == 10);
+  CHECK(cache.usage(0).blocks < blocks_before);
+  CHECK(session.decode_steps(0) == 0);
+  compression_session window_session(cache, model, snapkv({.budget = token_budget::of_tokens(8), .window = window}));
+  CHECK(window_session.add_sequence(1) == status::success);
+  REQUIRE(window_session.append(1, iota_positions(0, prompt), in.k, in.v) == status::success);
+  CHECK(window_session.compress(1, {}) == status::window_too_large);  // window attention with nothing observed
+  CHECK(cache.head_length(1, 0, 0) == prompt);
 }
 
 TEST_CASE("the engine loop as docs/cache.md shows it", "[cpu][cache][engine]") {

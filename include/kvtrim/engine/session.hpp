@@ -97,6 +97,15 @@ class compression_session {
     return status::success;
   }
 
+  //! Compresses now with the sequence's policy, whatever its schedule says (an engine under
+  //! memory pressure, or a streaming loop that bounds the cache at every step). The decode
+  //! step count is left as it is.
+  [[nodiscard]] status compress(int64_t seq, const cpu::observation& obs) {
+    const sequence_state* s = find(seq);
+    if (!s) return status::unknown_sequence;
+    return cpu::compress(s->policy, *store_, seq, model_, obs);
+  }
+
   //! 3. Decode attention of one layer: q [Hq][d] -> out [Hq][d], accumulating into the slot
   //! metrics what the policy's metric asks for (H2O p, KV-Compress p^2).
   [[nodiscard]] status attend(int64_t seq, int32_t layer, std::span<const float> q, std::span<float> out) {
