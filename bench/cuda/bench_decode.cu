@@ -1,0 +1,52 @@
+// Paged decode attention at the Llama-3-8B shape: B in {1, 8, 32}, n in {4k, 32k, 128k},
+// compression 1x / 4x / 8x / 16x (every head keeps n / ratio tokens).
+#include "bench_support.cuh"
+
+namespace {
+using namespace kvtrim_bench;
+
+void bm_decode(benchmark::State& state) {
+  if (!have_device()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  const auto batch = static_cast<int32_t>(state.range(0));
+  const auto n = static_cast<int32_t>(state.range(1));
+  const auto ratio = static_cast<int32_t>(state.range(2));
+  const int32_t kept = n / ratio;
+  layer_cache c(batch, kept);
+  if (!c.ok) {
+    state.SkipWithError("cache setup failed (device memory?)");
+    return;
+  }
+  device_memory q(static_cast<size_t>(batch) * q_heads * head_dim * sizeof(float));
+  device_memory out(q.bytes);
+  cudaMemset(q.ptr, 0, q.bytes);
+  const auto acc = kvtrim::decode_accumulation::none;
+  device_memory ws(kvtrim::cuda::decode_workspace_size(c.cache, batch, q_heads, acc));
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  kvtrim::status st = kvtrim::status::success;
+  time_iterations(state, stream, [&] {
+    st = kvtrim::cuda::decode_attention(c.cache, c.seqs, 0, q_heads, q.as<float>(), out.as<float>(), acc,
+                                        kvtrim::gqa_reduce::mean, ws.ptr, ws.bytes, stream);
+  });
+  cudaStreamDestroy(stream);
+  if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
+  // K and V of every kept token: the memory-traffic floor.
+  const double bytes = 2.0 * batch * kv_heads * static_cast<double>(kept) * head_dim * sizeof(kvtrim::bfloat16);
+  report_bandwidth(state, bytes);
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsRate);
+  state.counters["copy_fraction"] = benchmark::Counter(bytes / copy_bandwidth(), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void decode_args(benchmark::internal::Benchmark* b) {
+  for (const int64_t batch : {1, 8, 32})
+    for (const int64_t n : {4096, 32768, 131072})
+      for (const int64_t ratio : {1, 4, 8, 16}) b->Args({batch, n, ratio});
+}
+
+}  // namespace
+
+BENCHMARK(bm_decode)->Apply(decode_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "x"});
+BENCHMARK_MAIN();

@@ -1,0 +1,432 @@
+#pragma once
+//! \file compress.cuh
+//! The CUDA backend's host entry points, `kvtrim::cuda::`:
+//!
+//! - `compress_on_device(args, workspace, stream)`: one compression step of a batch of
+//!   sequences (scores -> ranking -> budgets -> plan -> compaction) on device buffers. No
+//!   allocation, no host synchronisation: graph-capturable. Outputs each head's new length.
+//! - `compress(policy, cache, seqs, obs, workspace, bytes, stream)`: the same on a
+//!   `device_paged_cache`, then the commit: the host block tables are authoritative, so the
+//!   new lengths come back with ONE device-to-host copy and one stream synchronisation per
+//!   compression step (not per layer or head); the host then shortens every head, returns
+//!   the emptied trailing blocks to the pool and replays the table changes onto the device
+//!   mirror (one scatter).
+//! - `decode_attention(cache, seqs, layer, q, out, ...)`: paged decode attention of a batch.
+//!
+//! Supported compositions: metrics window_attention, accumulated_attention, positional;
+//! allocators uniform_budget, pyramid_budget, adaptive_budget (normalize off),
+//! global_block_budget; evictors topk_evictor, block_evictor; positions keep_original.
+//! Anything else: status::not_supported (use the CPU backend).
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvtrim/backend/cuda/error.cuh"
+#include "kvtrim/backend/cuda/kernels/compaction.cuh"
+#include "kvtrim/backend/cuda/kernels/paged_attention.cuh"
+#include "kvtrim/backend/cuda/kernels/ranking.cuh"
+#include "kvtrim/backend/cuda/kernels/window_scores.cuh"
+#include "kvtrim/backend/cuda/mover.cuh"
+#include "kvtrim/backend/cuda/paged_view.cuh"
+#include "kvtrim/cache/device_paged_cache.hpp"
+#include "kvtrim/concepts.hpp"
+#include "kvtrim/config.hpp"
+#include "kvtrim/policy/budget/adaptive.hpp"
+#include "kvtrim/policy/evict/topk_keep.hpp"
+#include "kvtrim/policy/metric/positional.hpp"
+#include "kvtrim/policy/policy.hpp"
+
+KVTRIM_NAMESPACE_BEGIN
+namespace cuda {
+
+struct backend {
+  using kvc_concept = backend_tag;
+  static constexpr memory_space memory = memory_space::device;
+};
+static_assert(kvtrim::backend<backend>);
+
+//! The window queries of a compression, in device memory.
+struct device_observation {
+  const float* queries = nullptr;      //!< [batch][layer_count][rows][Hq][d] post-RoPE
+  const int32_t* positions = nullptr;  //!< [batch][rows]
+  int32_t rows = 0;                    //!< 0: none (positional, or accumulated metrics ranking what decode accumulated)
+};
+
+namespace detail {
+
+inline status device_budget_of(const uniform_budget& u, device_budget& d) {
+  d.type = device_budget::kind::uniform;
+  d.budget = u.budget;
+  return status::success;
+}
+inline status device_budget_of(const pyramid_budget& p, device_budget& d) {
+  d.type = device_budget::kind::pyramid;
+  d.budget = p.budget;
+  d.beta = p.beta;
+  d.form = p.form;
+  return status::success;
+}
+template <base_budget Base>
+status device_budget_of(const adaptive_budget<Base>& a, device_budget& d) {
+  if (a.normalize) return status::not_supported;  // its float sums depend on summation order
+  if (const status s = device_budget_of(a.base, d); s != status::success) return s;
+  d.base_is_pyramid = d.type == device_budget::kind::pyramid;
+  d.type = device_budget::kind::adaptive;
+  d.alpha = a.alpha;
+  d.skip_layers = a.skip_layers;
+  return status::success;
+}
+inline status device_budget_of(const global_block_budget& g, device_budget& d) {
+  d.type = device_budget::kind::global_blocks;
+  d.budget = g.budget;
+  d.block_size = g.block_size;
+  d.pending_tokens = g.pending_tokens;
+  return status::success;
+}
+template <class A>
+status device_budget_of(const A&, device_budget&) {
+  return status::not_supported;
+}
+
+inline status device_evictor_of(const topk_evictor&, device_evictor& e) {
+  e = {false, 1};
+  return status::success;
+}
+inline status device_evictor_of(const block_evictor& b, device_evictor& e) {
+  e = {true, b.block_size};
+  return status::success;
+}
+template <class E>
+status device_evictor_of(const E&, device_evictor&) {
+  return status::not_supported;
+}
+
+//! Which scores a metric ranks by, and the window metric that produces them (if any).
+inline status device_metric_of(const window_attention& m, int32_t rows, score_source& src, window_attention& window,
+                               accumulation_norm&, bool& scored) {
+  src = score_source::scores;
+  window = m;
+  scored = true;
+  return rows > 0 ? status::success : status::window_too_large;
+}
+inline status device_metric_of(const accumulated_attention& m, int32_t rows, score_source& src, window_attention& window,
+                               accumulation_norm& norm, bool& scored) {
+  src = score_source::accumulated;
+  window = m.observation;
+  norm = m.norm;
+  scored = rows > 0;
+  return status::success;
+}
+inline status device_metric_of(const positional&, int32_t, score_source& src, window_attention&, accumulation_norm&,
+                               bool& scored) {
+  src = score_source::positional;
+  scored = false;
+  return status::success;
+}
+template <class M>
+status device_metric_of(const M&, int32_t, score_source&, window_attention&, accumulation_norm&, bool&) {
+  return status::not_supported;
+}
+
+}  // namespace detail
+
+template <compression_policy P, kv_element T>
+struct compress_arguments {
+  P policy{};
+  attention_shape model{};         //!< the model's Hq, Hkv, d (the store holds policy.metric.stored_heads(model))
+  paged_view<T> pool{};
+  const int32_t* rows = nullptr;   //!< [batch] device mirror rows
+  int32_t batch = 0;
+  int32_t first_layer = 0;
+  int32_t layer_count = 0;         //!< 0: every layer
+  device_observation obs{};
+  int32_t stride = 0;              //!< >= every head length (the cache's max_tokens_per_head)
+  int32_t* keep = nullptr;         //!< [batch][layer_count][H] device out: each head's new length
+  int32_t* error = nullptr;        //!< device out: 0 or the status of a failure found on the device
+};
+
+namespace detail {
+
+//! Everything one step needs, derived from the arguments.
+template <compression_policy P, kv_element T>
+struct compress_parts {
+  window_score_arguments<T> window{};
+  plan_arguments<T> plan{};
+  compaction_arguments<T> compaction{};
+  bool scored = false;
+};
+
+template <compression_policy P, kv_element T>
+[[nodiscard]] status parts_of(const compress_arguments<P, T>& a, compress_parts<P, T>& out) {
+  if (const status s = a.policy.validate(a.model); s != status::success) return s;
+  if (a.policy.positions != position_mode::keep_original) return status::not_supported;
+  if (a.pool.heads != a.policy.metric.stored_heads(a.model) || a.pool.head_dim != a.model.head_dim ||
+      a.pool.layers != a.model.layers)
+    return status::shape_mismatch;
+  compress_parts<P, T> p;
+  const int32_t layers = a.layer_count == 0 ? a.model.layers : a.layer_count;
+  score_source src{};
+  accumulation_norm norm = accumulation_norm::sum;
+  if (const status s = device_metric_of(a.policy.metric, a.obs.rows, src, p.window.metric, norm, p.scored);
+      s != status::success)
+    return s;
+  if (const status s = device_budget_of(a.policy.allocator, p.plan.budget); s != status::success) return s;
+  if (const status s = device_evictor_of(a.policy.evictor, p.plan.evictor); s != status::success) return s;
+  p.window.pool = a.pool;
+  p.window.rows = a.rows;
+  p.window.batch = a.batch;
+  p.window.first_layer = a.first_layer;
+  p.window.layer_count = layers;
+  p.window.q_heads = a.model.q_heads;
+  p.window.window = a.obs.rows;
+  p.window.queries = a.obs.queries;
+  p.window.query_positions = a.obs.positions;
+  p.window.protect = a.policy.protect;
+  p.window.stride = a.stride;
+  p.plan.pool = a.pool;
+  p.plan.rows = a.rows;
+  p.plan.batch = a.batch;
+  p.plan.first_layer = a.first_layer;
+  p.plan.layer_count = layers;
+  p.plan.protect = a.policy.protect;
+  p.plan.source = src;
+  p.plan.norm = norm;
+  p.plan.stride = a.stride;
+  p.plan.keep = a.keep;
+  p.plan.error = a.error;
+  p.compaction.pool = a.pool;
+  p.compaction.heads = a.batch * layers * a.pool.heads;
+  p.compaction.stride = a.stride;
+  p.compaction.keep = a.keep;
+  p.compaction.error = a.error;
+  out = p;
+  return status::success;
+}
+
+//! Workspace layout: scores, kept flags, head indices, new metrics, then the largest of the
+//! three stages' own workspaces (they run one after another).
+template <compression_policy P, kv_element T>
+size_t carve(compress_parts<P, T>& p, void* base) {
+  workspace_carver w(base);
+  const int64_t heads = static_cast<int64_t>(p.plan.batch) * p.plan.layer_count * p.plan.pool.heads;
+  const int64_t items = heads * p.plan.stride;
+  float* scores = w.take<float>(p.scored ? items : 0);
+  p.window.scores = scores;
+  p.plan.scores = p.scored ? scores : nullptr;
+  p.plan.kept = w.take<uint8_t>(items);
+  p.plan.head_index = w.take<int64_t>(heads);
+  p.plan.new_metrics = w.take<float>(p.plan.source == score_source::accumulated ? items : 0);
+  p.compaction.kept = p.plan.kept;
+  p.compaction.head_index = p.plan.head_index;
+  size_t stage = workspace_size(p.plan);
+  if (p.scored) {
+    const size_t ws = workspace_size(p.window);
+    stage = ws > stage ? ws : stage;
+  }
+  const size_t cs = workspace_size(p.compaction);
+  stage = cs > stage ? cs : stage;
+  w.take<char>(static_cast<int64_t>(stage));
+  return w.used();
+}
+
+}  // namespace detail
+
+template <compression_policy P, kv_element T>
+[[nodiscard]] status can_implement(const compress_arguments<P, T>& a) {
+  detail::compress_parts<P, T> p;
+  if (const status s = detail::parts_of(a, p); s != status::success) return s;
+  if (a.batch > 0 && (!a.keep || !a.error)) return status::invalid_argument;
+  if (p.scored) {
+    // Pointers are checked at launch; sizes here.
+    window_score_arguments<T> w = p.window;
+    w.scores = reinterpret_cast<float*>(1);
+    if (const status s = can_implement(w); s != status::success) return s;
+  }
+  plan_arguments<T> pa = p.plan;
+  pa.kept = reinterpret_cast<uint8_t*>(1);
+  pa.head_index = reinterpret_cast<int64_t*>(1);
+  pa.new_metrics = reinterpret_cast<float*>(1);
+  pa.scores = reinterpret_cast<const float*>(1);
+  return can_implement(pa);
+}
+
+template <compression_policy P, kv_element T>
+[[nodiscard]] size_t workspace_size(const compress_arguments<P, T>& a) {
+  detail::compress_parts<P, T> p;
+  if (detail::parts_of(a, p) != status::success) return 0;
+  return detail::carve(p, nullptr);
+}
+
+//! One compression step on device buffers, on `stream`; `workspace` holds workspace_size(a)
+//! bytes. The new lengths land in `a.keep`; the caller commits them to its block tables.
+//! A failure found on the device (NaN scores, an empty head) lands in `a.error` and leaves
+//! the pool untouched.
+template <compression_policy P, kv_element T>
+[[nodiscard]] status compress_on_device(const compress_arguments<P, T>& a, void* workspace, cudaStream_t stream) {
+  if (const status s = can_implement(a); s != status::success) return s;
+  if (a.batch == 0) return status::success;
+  if (!workspace) return status::invalid_argument;
+  detail::compress_parts<P, T> p;
+  if (const status s = detail::parts_of(a, p); s != status::success) return s;
+  const size_t fixed = [&] {
+    detail::compress_parts<P, T> q = p;
+    detail::workspace_carver w(nullptr);
+    const int64_t heads = static_cast<int64_t>(q.plan.batch) * q.plan.layer_count * q.plan.pool.heads;
+    const int64_t items = heads * q.plan.stride;
+    w.take<float>(q.scored ? items : 0);
+    w.take<uint8_t>(items);
+    w.take<int64_t>(heads);
+    w.take<float>(q.plan.source == score_source::accumulated ? items : 0);
+    return w.used();
+  }();
+  detail::carve(p, workspace);
+  void* stage = static_cast<char*>(workspace) + fixed;
+  if (p.scored)
+    if (const status s = window_scores(p.window, stage, stream); s != status::success) return s;
+  if (const status s = plan(p.plan, stage, stream); s != status::success) return s;
+  return compact(p.compaction, stage, stream);
+}
+
+// ---- on a device_paged_cache
+
+//! Workspace of `compress` for `batch` sequences of `cache` and `obs_rows` window queries.
+template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
+[[nodiscard]] size_t compress_workspace_size(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
+                                             const attention_shape& model, int32_t batch, int32_t obs_rows) {
+  compress_arguments<P, T> a;
+  a.policy = policy;
+  a.model = model;
+  a.pool = make_view(paged_buffers<T>{}, cache.config());
+  a.batch = batch;
+  a.obs.rows = obs_rows;
+  a.stride = cache.config().max_tokens_per_head;
+  const int64_t heads = static_cast<int64_t>(batch) * model.layers * cache.shape().kv_heads;
+  detail::workspace_carver w(nullptr);
+  w.take<int32_t>(batch);      // rows
+  w.take<int32_t>(heads);      // keep
+  w.take<int32_t>(1);          // error
+  w.take<char>(static_cast<int64_t>(workspace_size(a)));
+  return w.used();
+}
+
+//! Compresses every layer of the sequences `seqs` of a device cache with `policy`, then
+//! commits: one device-to-host copy of the new lengths and one synchronisation of `stream`
+//! per call. `obs` holds the window queries of every sequence and layer (rows 0 for none).
+//! On error nothing changed.
+template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
+[[nodiscard]] status compress(const P& policy, device_paged_cache<T, HeadDim, M>& cache, std::span<const int64_t> seqs,
+                              const attention_shape& model, const device_observation& obs, void* workspace,
+                              size_t workspace_bytes, cudaStream_t stream) {
+  const auto batch = static_cast<int32_t>(seqs.size());
+  if (batch == 0) return status::success;
+  const size_t need = compress_workspace_size(policy, cache, model, batch, obs.rows);
+  if (need == 0) return status::not_supported;
+  if (!workspace || workspace_bytes < need) return status::invalid_argument;
+  const attention_shape stored = cache.shape();
+  std::vector<int32_t> rows(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    rows[i] = cache.tables().sequence_slot(seqs[i]);
+    if (rows[i] < 0) return status::unknown_sequence;
+    for (int32_t l = 0; l < stored.layers; ++l)
+      for (int32_t h = 0; h < stored.kv_heads; ++h) {
+        const int32_t n = cache.head_length(seqs[i], l, h);
+        if (n == 0) return status::empty_sequence;
+        if (obs.rows > n && std::same_as<typename P::metric_type, window_attention>) return status::window_too_large;
+      }
+  }
+  detail::workspace_carver w(workspace);
+  const int64_t heads = static_cast<int64_t>(batch) * stored.layers * stored.kv_heads;
+  compress_arguments<P, T> a;
+  a.policy = policy;
+  a.model = model;
+  a.pool = make_view(cache.buffers(), cache.config());
+  a.rows = w.take<int32_t>(batch);
+  a.batch = batch;
+  a.obs = obs;
+  a.stride = cache.config().max_tokens_per_head;
+  a.keep = w.take<int32_t>(heads);
+  a.error = w.take<int32_t>(1);
+  void* rest = w.take<char>(0);
+  KVTRIM_CUDA_TRY(cudaMemcpyAsync(const_cast<int32_t*>(a.rows), rows.data(), rows.size() * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, stream));
+  if (const status s = compress_on_device(a, rest, stream); s != status::success) return s;
+
+  // The commit: one copy back, one synchronisation.
+  std::vector<int32_t> keep(static_cast<size_t>(heads) + 1);
+  KVTRIM_CUDA_TRY(cudaMemcpyAsync(keep.data(), a.keep, static_cast<size_t>(heads) * sizeof(int32_t),
+                                  cudaMemcpyDeviceToHost, stream));
+  KVTRIM_CUDA_TRY(cudaMemcpyAsync(keep.data() + heads, a.error, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  KVTRIM_CUDA_TRY(cudaStreamSynchronize(stream));
+  if (keep[static_cast<size_t>(heads)] != 0) return static_cast<status>(keep[static_cast<size_t>(heads)]);
+
+  std::vector<int32_t> prefix;
+  for (int32_t b = 0; b < batch; ++b) {
+    eviction_plan plan(stored.layers, stored.kv_heads);
+    for (int32_t l = 0; l < stored.layers; ++l)
+      for (int32_t h = 0; h < stored.kv_heads; ++h) {
+        const int32_t n = cache.head_length(seqs[static_cast<size_t>(b)], l, h);
+        const int32_t k = keep[(static_cast<size_t>(b) * stored.layers + l) * stored.kv_heads + h];
+        prefix.resize(static_cast<size_t>(k));
+        for (int32_t j = 0; j < k; ++j) prefix[static_cast<size_t>(j)] = j;
+        plan.set_head(l, h, n, prefix);  // the device already compacted: survivors are the prefix
+      }
+    if (const status s = cache.apply(seqs[static_cast<size_t>(b)], plan); s != status::success) return s;
+  }
+  return status::success;
+}
+
+//! Workspace of `decode_attention` on a device cache.
+template <kv_element T, int32_t HeadDim, slot_mover<T> M>
+[[nodiscard]] size_t decode_workspace_size(const device_paged_cache<T, HeadDim, M>& cache, int32_t batch,
+                                           int32_t q_heads, decode_accumulation acc) {
+  decode_arguments<T> a;
+  a.pool = make_view(paged_buffers<T>{}, cache.config());
+  a.batch = batch;
+  a.q_heads = q_heads;
+  a.max_length = cache.config().max_tokens_per_head;
+  a.accumulate = acc;
+  detail::workspace_carver w(nullptr);
+  w.take<int32_t>(batch);
+  w.take<char>(static_cast<int64_t>(workspace_size(a)));
+  return w.used();
+}
+
+//! Decode attention of `layer` for the sequences `seqs`: q, out [batch][Hq][d] fp32 device.
+//! With `acc` != none, slot metrics accumulate p or p^2 reduced over the group by `reduce`.
+template <kv_element T, int32_t HeadDim, slot_mover<T> M>
+[[nodiscard]] status decode_attention(device_paged_cache<T, HeadDim, M>& cache, std::span<const int64_t> seqs,
+                                      int32_t layer, int32_t q_heads, const float* q, float* out,
+                                      decode_accumulation acc, gqa_reduce reduce, void* workspace,
+                                      size_t workspace_bytes, cudaStream_t stream) {
+  const auto batch = static_cast<int32_t>(seqs.size());
+  if (batch == 0) return status::success;
+  if (!workspace || workspace_bytes < decode_workspace_size(cache, batch, q_heads, acc)) return status::invalid_argument;
+  std::vector<int32_t> rows(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    rows[i] = cache.tables().sequence_slot(seqs[i]);
+    if (rows[i] < 0) return status::unknown_sequence;
+    for (int32_t h = 0; h < cache.shape().kv_heads; ++h)
+      if (cache.head_length(seqs[i], layer, h) == 0) return status::empty_sequence;
+  }
+  detail::workspace_carver w(workspace);
+  decode_arguments<T> a;
+  a.pool = make_view(cache.buffers(), cache.config());
+  a.rows = w.take<int32_t>(batch);
+  a.batch = batch;
+  a.layer = layer;
+  a.q_heads = q_heads;
+  a.max_length = cache.config().max_tokens_per_head;
+  a.q = q;
+  a.out = out;
+  a.accumulate = acc;
+  a.reduce = reduce;
+  KVTRIM_CUDA_TRY(cudaMemcpyAsync(const_cast<int32_t*>(a.rows), rows.data(), rows.size() * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, stream));
+  return decode_attention(a, w.take<char>(0), stream);
+}
+
+}  // namespace cuda
+KVTRIM_NAMESPACE_END

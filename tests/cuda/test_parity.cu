@@ -1,0 +1,195 @@
+// The CUDA backend against the CPU backend (house style rule 10): decode attention (outputs
+// within a stated tolerance, accumulated metrics too) and whole compression steps (kept token
+// sets identical), over generated shapes: head dim 8 / 64 / 128, block size 1 / 16,
+// G = 1 / 2 / 8, fp32 and bf16 storage, several seeds.
+#include "parity_support.cuh"
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+namespace {
+
+using namespace kvtrim_test;
+namespace kv = kvtrim;
+
+//! Outputs and metrics: fp32 accumulation on both sides, different summation order.
+constexpr float tolerance = 2e-4f;
+
+//! KVTRIM_QUICK=1 (scripts/gpu-check's sanitizer runs): one seed instead of two.
+bool quick() { return std::getenv("KVTRIM_QUICK") != nullptr; }
+
+bool close(float a, float b) { return std::fabs(a - b) <= tolerance * (1.f + std::fabs(b)); }
+
+//! Random per-head eviction applied to both caches, so heads have different lengths and the
+//! mover's compaction runs.
+template <kv::kv_element T>
+void evict_randomly(twin_caches<T>& c, int64_t seq, std::mt19937& rng) {
+  const auto& s = c.config.shape;
+  kv::eviction_plan plan(s.layers, s.kv_heads);
+  std::vector<int32_t> kept;
+  for (int32_t l = 0; l < s.layers; ++l)
+    for (int32_t h = 0; h < s.kv_heads; ++h) {
+      const int32_t n = c.host.head_length(seq, l, h);
+      kept.clear();
+      for (int32_t j = 0; j < n; ++j)
+        if (j == 0 || std::uniform_int_distribution<int>(0, 2)(rng) != 0) kept.push_back(j);
+      plan.set_head(l, h, n, kept);
+    }
+  require_ok(c.host.apply(seq, plan));
+  require_ok(c.device.apply(seq, plan));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", float, kv::bfloat16) {
+  const int32_t d = GENERATE(8, 64, 128);
+  const int32_t bs = GENERATE(1, 16);
+  const int32_t group = GENERATE(1, 2, 8);
+  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({1u, 2u})));
+  const auto acc = GENERATE(kv::decode_accumulation::none, kv::decode_accumulation::sum, kv::decode_accumulation::squared_sum);
+  CAPTURE(d, bs, group, seed, static_cast<int>(acc));
+  const kv::attention_shape shape{2, 2 * group, 2, d};
+  const kv::paged_cache_config config{shape, bs, 2 * 2 * 2 * (300 / bs + 2), 2, 300};
+  twin_caches<TestType> c(config);
+  std::mt19937 rng(seed);
+  const std::vector<int64_t> seqs{7, 9};
+  for (const int64_t s : seqs) {
+    require_ok(c.host.add_sequence(s));
+    require_ok(c.device.add_sequence(s));
+    c.append(s, 0, 150 + static_cast<int32_t>(s), rng);
+    evict_randomly(c, s, rng);
+  }
+  for (const int64_t s : seqs)
+    for (int32_t l = 0; l < shape.layers; ++l)
+      for (int32_t h = 0; h < shape.kv_heads; ++h)
+        REQUIRE(twin_caches<TestType>::kept_positions(c.host, s, l, h) ==
+                twin_caches<TestType>::kept_positions(c.device, s, l, h));
+
+  const int32_t layer = 1;
+  const size_t width = static_cast<size_t>(shape.q_heads) * d;
+  std::vector<float> q(seqs.size() * width);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (auto& x : q) x = dist(rng);
+  std::vector<float> expected(q.size());
+  std::vector<float> scratch;
+  const auto reduce = kv::gqa_reduce::sum;
+  for (size_t b = 0; b < seqs.size(); ++b)
+    require_ok(kv::cpu::decode_attention(c.host, seqs[b], layer, shape.q_heads, std::span<const float>(q).subspan(b * width, width),
+                                         std::span<float>(expected).subspan(b * width, width), acc, reduce, scratch));
+
+  device_memory dq(q.size() * sizeof(float)), dout(q.size() * sizeof(float));
+  upload(dq, q);
+  device_memory ws(kv::cuda::decode_workspace_size(c.device, static_cast<int32_t>(seqs.size()), shape.q_heads, acc));
+  require_ok(kv::cuda::decode_attention(c.device, seqs, layer, shape.q_heads, dq.as<float>(), dout.as<float>(), acc, reduce,
+                                        ws.as<void>(), ws.bytes(), nullptr));
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<float> got = download(dout.as<float>(), q.size());
+  int bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) bad += close(got[i], expected[i]) ? 0 : 1;
+  CHECK(bad == 0);
+
+  // Accumulated metrics of every head of the layer.
+  for (const int64_t s : seqs)
+    for (int32_t h = 0; h < shape.kv_heads; ++h) {
+      const int32_t n = c.host.head_length(s, layer, h);
+      std::vector<int32_t> p1(n), p2(n);
+      std::vector<float> k1(static_cast<size_t>(n) * d), k2(k1.size()), m1(n), m2(n);
+      require_ok(c.host.read_head(s, layer, h, p1, k1, m1));
+      require_ok(c.device.read_head(s, layer, h, p2, k2, m2));
+      CHECK(p1 == p2);
+      CHECK(k1 == k2);
+      int mismatched = 0;
+      for (int32_t j = 0; j < n; ++j) mismatched += close(m2[j], m1[j]) ? 0 : 1;
+      CHECK(mismatched == 0);
+    }
+}
+
+namespace {
+
+//! Runs `policy` on both caches and compares the kept positions of every head.
+template <class P, kv::kv_element T>
+void check_compression(const P& policy, const kv::attention_shape& model, int32_t bs, uint32_t seed, int32_t rows) {
+  const int32_t n = 200;
+  const kv::paged_cache_config config{{model.layers, model.q_heads, policy.metric.stored_heads(model), model.head_dim},
+                                      bs, model.layers * policy.metric.stored_heads(model) * 2 * (n / bs + 2), 2, n + 8};
+  twin_caches<T> c(config);
+  std::mt19937 rng(seed);
+  const std::vector<int64_t> seqs{3, 5};
+  for (const int64_t s : seqs) {
+    require_ok(c.host.add_sequence(s));
+    require_ok(c.device.add_sequence(s));
+    c.append(s, 0, n - static_cast<int32_t>(s), rng);
+  }
+  // Window queries: the last `rows` positions of each sequence.
+  const size_t per_seq = static_cast<size_t>(model.layers) * rows * model.q_heads * model.head_dim;
+  std::vector<float> queries(seqs.size() * per_seq);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (auto& x : queries) x = dist(rng);
+  std::vector<int32_t> positions(seqs.size() * static_cast<size_t>(rows));
+  for (size_t b = 0; b < seqs.size(); ++b)
+    for (int32_t r = 0; r < rows; ++r)
+      positions[b * rows + r] = n - static_cast<int32_t>(seqs[b]) - rows + r;
+
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const kv::cpu::observation obs{std::span<const float>(queries).subspan(b * per_seq, per_seq),
+                                   std::span<const int32_t>(positions).subspan(b * rows, static_cast<size_t>(rows))};
+    require_ok(kv::cpu::compress(policy, c.host, seqs[b], model, obs));
+  }
+  device_memory dq(queries.size() * sizeof(float)), dp(positions.size() * sizeof(int32_t));
+  upload(dq, queries);
+  upload(dp, positions);
+  const kv::cuda::device_observation obs{dq.as<float>(), dp.as<int32_t>(), rows};
+  device_memory ws(kv::cuda::compress_workspace_size(policy, c.device, model, static_cast<int32_t>(seqs.size()), rows));
+  require_ok(kv::cuda::compress(policy, c.device, seqs, model, obs, ws.as<void>(), ws.bytes(), nullptr));
+
+  for (const int64_t s : seqs)
+    for (int32_t l = 0; l < config.shape.layers; ++l)
+      for (int32_t h = 0; h < config.shape.kv_heads; ++h) {
+        CAPTURE(s, l, h);
+        CHECK(twin_caches<T>::kept_positions(c.host, s, l, h) == twin_caches<T>::kept_positions(c.device, s, l, h));
+      }
+  CHECK(c.host.pool() == c.device.pool());
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "[cuda]", float, kv::bfloat16) {
+  const int32_t d = GENERATE(8, 64, 128);
+  const int32_t bs = GENERATE(1, 16);
+  const int32_t group = GENERATE(1, 2, 8);
+  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({11u, 12u})));
+  CAPTURE(d, bs, group, seed);
+  const kv::attention_shape model{2, 2 * group, 2, d};
+  SECTION("StreamingLLM") {
+    check_compression<kv::streaming_llm_policy, TestType>(
+        kv::streaming_llm({.budget = kv::token_budget::of_tokens(40), .sinks = 4}), model, bs, seed, 4);
+  }
+  SECTION("SnapKV, max pool 7") {
+    check_compression<kv::snapkv_policy, TestType>(
+        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8);
+  }
+  SECTION("SnapKV, avg pool 5, reduce after pooling per query head") {
+    auto p = kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8, .pool = kv::pooling::avg, .kernel = 5});
+    p.metric.reduce = kv::gqa_reduce::max;
+    p.metric.order = kv::reduce_order::after_pool;
+    check_compression<kv::snapkv_policy, TestType>(p, model, bs, seed, 8);
+  }
+  SECTION("Ada-KV") {
+    check_compression<kv::ada_snapkv_policy, TestType>(
+        kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8);
+  }
+  SECTION("PyramidKV") {
+    check_compression<kv::pyramidkv_policy, TestType>(
+        kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8);
+  }
+  SECTION("KV-Compress") {
+    check_compression<kv::kv_compress_policy, TestType>(
+        kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = bs, .protected_window = 8}), model, bs,
+        seed, 8);
+  }
+  SECTION("H2O (prefill observation)") {
+    check_compression<kv::h2o_policy, TestType>(kv::h2o({.budget = kv::token_budget::of_tokens(48), .recent = 8}), model,
+                                                bs, seed, 8);
+  }
+}
