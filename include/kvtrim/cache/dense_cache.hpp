@@ -43,7 +43,7 @@ class dense_cache {
   [[nodiscard]] status append(int64_t seq, int32_t l, int32_t position, std::span<const float> k,
                               std::span<const float> v) {
     if (!contains(seq)) return status::unknown_sequence;
-    if (l < 0 || l >= shape_.layers || position < 0) return status::invalid_argument;
+    if (l < 0 || l >= shape_.layers || position < 0 || position > max_position) return status::invalid_argument;
     const auto d = static_cast<size_t>(shape_.head_dim);
     if (k.size() != d * shape_.kv_heads || v.size() != k.size()) return status::shape_mismatch;
     for (int32_t h = 0; h < shape_.kv_heads; ++h)
@@ -90,6 +90,8 @@ class dense_cache {
     const auto n = static_cast<size_t>(lengths_[head]);
     const auto d = static_cast<size_t>(shape_.head_dim);
     if (positions.size() != n || keys.size() != n * d) return status::shape_mismatch;
+    for (const int32_t p : positions)
+      if (p < 0 || p > max_position) return status::invalid_argument;
     const size_t base = head * capacity_;
     std::copy(positions.begin(), positions.end(), positions_.begin() + static_cast<std::ptrdiff_t>(base));
     std::copy(keys.begin(), keys.end(), keys_.begin() + static_cast<std::ptrdiff_t>(base * d));

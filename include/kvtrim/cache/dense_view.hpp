@@ -150,7 +150,7 @@ class dense_view {
     const size_t n = static_cast<size_t>(head_length(seq, l, h)), d = static_cast<size_t>(head_dim());
     if (positions.size() != n || keys.size() != n * d) return status::shape_mismatch;
     for (const int32_t p : positions)
-      if (p < 0) return status::invalid_argument;
+      if (p < 0 || p > max_position) return status::invalid_argument;
     const auto p = rows(&dense_layer<T>::positions, seq, l, h, 1);
     const auto k = rows(&dense_layer<T>::keys, seq, l, h, head_dim());
     std::copy(positions.begin(), positions.end(), p.begin());
@@ -210,7 +210,7 @@ class dense_view {
     const auto tokens = static_cast<int32_t>(positions.size());
     if (tokens == 0) return status::invalid_argument;
     for (const int32_t p : positions)
-      if (p < 0) return status::invalid_argument;
+      if (p < 0 || p > max_position) return status::invalid_argument;
     const size_t d = static_cast<size_t>(head_dim()), heads = static_cast<size_t>(shape_.kv_heads);
     if (k.size() != static_cast<size_t>(layers) * static_cast<size_t>(tokens) * heads * d || v.size() != k.size())
       return status::shape_mismatch;

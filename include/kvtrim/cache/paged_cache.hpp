@@ -210,7 +210,7 @@ class basic_paged_cache {
     if (positions.size() != static_cast<size_t>(n) || keys.size() != static_cast<size_t>(n) * static_cast<size_t>(head_dim()))
       return status::shape_mismatch;
     for (const int32_t p : positions)
-      if (p < 0) return status::invalid_argument;
+      if (p < 0 || p > max_position) return status::invalid_argument;
     head_write_params<T> p{storage_.buffers(), {tables_.blocks(seq, l, h), n, block_size()}, head_dim(), positions, keys};
     return storage_.mover().write_head(p);
   }
@@ -247,7 +247,7 @@ class basic_paged_cache {
     const auto tokens = static_cast<int32_t>(positions.size());
     if (tokens == 0) return status::invalid_argument;
     for (const int32_t p : positions)
-      if (p < 0) return status::invalid_argument;
+      if (p < 0 || p > max_position) return status::invalid_argument;
     const int32_t heads = shape().kv_heads;
     const size_t rows = static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads);
     if (k.size() != rows * static_cast<size_t>(head_dim()) || v.size() != k.size()) return status::shape_mismatch;

@@ -35,18 +35,30 @@ struct paged_cache_config {
   int32_t max_sequences = 1;         //!< sequences alive at once
   int32_t max_tokens_per_head = 0;   //!< tokens one (sequence, layer, head) may hold
 
-  //! Blocks one head's table can name: ceil(max_tokens_per_head / block_size).
+  //! Blocks one head's table can name: ceil(max_tokens_per_head / block_size); 0 unless both
+  //! are positive. Exact up to max_tokens_per_head = 2^31 - 1 (no overflow).
   [[nodiscard]] constexpr int32_t max_blocks_per_head() const noexcept {
-    return block_size > 0 ? (max_tokens_per_head + block_size - 1) / block_size : 0;
+    return block_size > 0 && max_tokens_per_head > 0 ? (max_tokens_per_head - 1) / block_size + 1 : 0;
   }
   //! Heads of one sequence: L * H.
   [[nodiscard]] constexpr int64_t heads_per_sequence() const noexcept {
     return static_cast<int64_t>(shape.layers) * shape.kv_heads;
   }
+  //! The most elements one buffer may hold (2^60): past it, a buffer's size in bytes would
+  //! wrap around 64 bits and the cache would be smaller than its config.
+  static constexpr int64_t max_elements = int64_t{1} << 60;
+
   [[nodiscard]] constexpr status validate() const noexcept {
     if (const status s = shape.validate(); s != status::success) return s;
     if (block_size < 1 || num_blocks < 1 || max_sequences < 1 || max_tokens_per_head < 1)
       return status::invalid_argument;
+    // Every buffer's element count, in 64 bits without overflow (each factor is < 2^31,
+    // heads_per_sequence() < 2^62).
+    const int64_t slots = static_cast<int64_t>(num_blocks) * block_size;
+    if (slots > max_elements / shape.head_dim) return status::invalid_argument;  // keys, values
+    if (heads_per_sequence() > max_elements / max_sequences) return status::invalid_argument;  // lengths
+    const int64_t heads = heads_per_sequence() * max_sequences;
+    if (heads > max_elements / max_blocks_per_head()) return status::invalid_argument;  // block tables
     return status::success;
   }
   friend constexpr bool operator==(const paged_cache_config&, const paged_cache_config&) = default;
@@ -91,8 +103,10 @@ struct paged_buffer_sizes {
   }
 };
 
+//! All zero for a config that does not validate (its negative counts would ask for exabytes).
 template <kv_element T>
 [[nodiscard]] constexpr paged_buffer_sizes buffer_sizes(const paged_cache_config& c) noexcept {
+  if (c.validate() != status::success) return {};
   const size_t slots = static_cast<size_t>(c.num_blocks) * static_cast<size_t>(c.block_size);
   const size_t heads = static_cast<size_t>(c.max_sequences) * static_cast<size_t>(c.heads_per_sequence());
   paged_buffer_sizes s;

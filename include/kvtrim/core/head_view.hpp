@@ -50,10 +50,11 @@ class ragged_rows {
  public:
   ragged_rows() = default;
   //! `lengths` is [L][H] row lengths; `width` floats per entry (d for keys, 1 for scores).
+  //! Rows without a length are empty; lengths past L * H are ignored.
   ragged_rows(int32_t layers, int32_t heads, std::span<const int32_t> lengths, int32_t width = 1)
       : layers_(layers), heads_(heads), width_(width), offsets_(static_cast<size_t>(layers) * heads + 1, 0) {
-    for (size_t i = 0; i < lengths.size(); ++i)
-      offsets_[i + 1] = offsets_[i] + static_cast<int64_t>(lengths[i]) * width;
+    for (size_t i = 0; i + 1 < offsets_.size(); ++i)
+      offsets_[i + 1] = offsets_[i] + (i < lengths.size() ? static_cast<int64_t>(lengths[i]) * width : 0);
     data_.assign(static_cast<size_t>(offsets_.back()), 0.f);
   }
   [[nodiscard]] std::span<float> row(int32_t l, int32_t h) noexcept {

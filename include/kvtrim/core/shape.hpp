@@ -52,6 +52,10 @@ struct token_budget {
   }
 };
 
+//! The largest position a store accepts: "one past the newest position" (the end of the recent
+//! window) must still be an int32, so positions are in [0, 2^31 - 2].
+inline constexpr int32_t max_position = 2147483646;
+
 //! Tokens every evictor keeps regardless of score: the first `sinks` positions (StreamingLLM's
 //! attention sinks) and the `recent` most recent positions (SnapKV's observation window,
 //! H2O's recent budget, KV-Compress's protected window).
@@ -62,7 +66,8 @@ struct protected_set {
   [[nodiscard]] constexpr status validate() const noexcept {
     return (sinks >= 0 && recent >= 0) ? status::success : status::invalid_argument;
   }
-  [[nodiscard]] constexpr int32_t size() const noexcept { return sinks + recent; }
+  //! sinks + recent, in 64 bits (both may be up to 2^31 - 1).
+  [[nodiscard]] constexpr int64_t size() const noexcept { return static_cast<int64_t>(sinks) + recent; }
   //! `next_position` is one past the newest cached position of the head.
   [[nodiscard]] KVTRIM_HOST_DEVICE constexpr bool contains(int32_t position,
                                                           int32_t next_position) const noexcept {

@@ -24,6 +24,13 @@ struct head_candidates {
   std::vector<ranked_token> ranked;       //!< evictable tokens, best first (ranks_before)
 };
 
+//! The fewest ranked candidates head `c` may keep: one when it has tokens but no protected
+//! slot (every head keeps at least one token, design.md), otherwise none. Allocators clamp
+//! their counts to [min_candidates(c), c.ranked.size()].
+[[nodiscard]] inline int32_t min_candidates(const head_candidates& c) noexcept {
+  return c.protected_slots.empty() && !c.ranked.empty() ? 1 : 0;
+}
+
 //! [L][H] of head_candidates.
 class candidate_table {
  public:
@@ -43,12 +50,16 @@ class candidate_table {
 };
 
 //! Splits one head into protected slots and ranked candidates.
-//! `scores` [n] in slot order; `positions` [n]. Fails on NaN or -inf scores of candidates.
+//! `scores` [n] in slot order; `positions` [n], each at most max_position (invalid_argument
+//! otherwise). Fails on NaN or -inf scores of candidates.
 [[nodiscard]] inline status rank_head(std::span<const float> scores, std::span<const int32_t> positions,
                                       const protected_set& protect, head_candidates& out) {
   if (scores.size() != positions.size()) return status::shape_mismatch;
   int32_t next = 0;
-  for (const int32_t p : positions) next = std::max(next, p + 1);
+  for (const int32_t p : positions) {
+    if (p > max_position) return status::invalid_argument;  // p + 1 must be an int32
+    next = std::max(next, p + 1);
+  }
   head_candidates result;
   result.length = static_cast<int32_t>(positions.size());
   result.next_position = next;

@@ -51,9 +51,11 @@ class eviction_plan {
   ragged_rows metrics;
 
   //! Checks the plan against a store's current head lengths [L][H]: every list ascending,
-  //! unique, in range, at least one token kept in a non-empty head.
+  //! unique, in range, at least one token kept in a non-empty head; metrics, if any, [L][H]
+  //! rows of the heads' lengths.
   [[nodiscard]] status validate(std::span<const int32_t> current_lengths) const {
     if (current_lengths.size() != lengths_.size()) return status::invalid_plan;
+    if (!metrics.empty() && (metrics.layers() != layers_ || metrics.heads() != heads_)) return status::invalid_plan;
     for (int32_t l = 0; l < layers_; ++l)
       for (int32_t h = 0; h < heads_; ++h) {
         const int32_t n = lengths_[index(l, h)];

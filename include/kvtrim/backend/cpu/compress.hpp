@@ -74,7 +74,7 @@ template <compression_policy P, kv_store S>
   const int32_t heads = p.metric.stored_heads(model);
   if (stored.layers != model.layers || stored.head_dim != model.head_dim || stored.kv_heads != heads)
     return status::shape_mismatch;
-  if (first < 0 || count < 1 || first + count > model.layers) return status::invalid_argument;
+  if (first < 0 || count < 1 || count > model.layers - first) return status::invalid_argument;
   if (const status s = detail::check_observation(model, obs); s != status::success) return s;
 
   using metric_t = typename P::metric_type;
@@ -218,6 +218,7 @@ template <compression_policy P, kv_store S>
   static_assert(S::memory == memory_space::host,
                 "kvtrim::cpu::compress_layer rule C3: the CPU backend reads host memory. Fix: use a "
                 "host store, or the CUDA backend for a device store.");
+  if (const status s = p.validate(model); s != status::success) return s;  // before sizes use the shape
   if (layer < 0 || layer >= model.layers) return status::invalid_argument;
   // Place this layer's queries where plan() looks for them; other layers are not scored.
   const size_t per_layer = positions.size() * static_cast<size_t>(model.q_heads) * model.head_dim;

@@ -84,7 +84,7 @@ struct adaptive_budget {
     }
     if (!compress || layer < skip_layers) {
       for (int32_t h = 0; h < heads; ++h)
-        select[static_cast<size_t>(h)] = std::clamp(bases[static_cast<size_t>(h)], 0,
+        select[static_cast<size_t>(h)] = std::clamp(bases[static_cast<size_t>(h)], min_candidates(table.at(l, h)),
                                                     static_cast<int32_t>(table.at(l, h).ranked.size()));
       return status::success;
     }
@@ -118,8 +118,8 @@ struct adaptive_budget {
     for (auto it = all.begin(); it != cut; ++it) ++earned[static_cast<size_t>(it->head)];
     for (int32_t h = 0; h < heads; ++h)
       select[static_cast<size_t>(h)] = std::clamp(
-          adaptive_safeguard(earned[static_cast<size_t>(h)], bases[static_cast<size_t>(h)], alpha), 0,
-          static_cast<int32_t>(table.at(l, h).ranked.size()));
+          adaptive_safeguard(earned[static_cast<size_t>(h)], bases[static_cast<size_t>(h)], alpha),
+          min_candidates(table.at(l, h)), static_cast<int32_t>(table.at(l, h).ranked.size()));
     return status::success;
   }
 };

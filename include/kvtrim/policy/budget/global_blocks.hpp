@@ -17,8 +17,9 @@
 KVTRIM_NAMESPACE_BEGIN
 
 //! Blocks a head of `length` tokens occupies, and the tokens in its last (partial) block.
+//! Exact for every length >= 0 and block_size >= 1, up to 2^31 - 1 (no overflow).
 [[nodiscard]] KVTRIM_HOST_DEVICE constexpr int32_t blocks_for(int32_t length, int32_t block_size) noexcept {
-  return (length + block_size - 1) / block_size;
+  return length > 0 ? (length - 1) / block_size + 1 : 0;
 }
 [[nodiscard]] KVTRIM_HOST_DEVICE constexpr int32_t hanging_tokens(int32_t length, int32_t block_size) noexcept {
   return length == 0 ? 0 : (length - 1) % block_size + 1;
@@ -61,9 +62,9 @@ struct global_block_budget {
       const int64_t m = (static_cast<int64_t>(budget.tokens) + block_size - 1) / block_size * block_size;
       return std::max<int64_t>(0, blocks - (m * heads + block_size - 1) / block_size);
     }
-    const int64_t window = protect.recent + pending_tokens;
+    const int64_t window = static_cast<int64_t>(protect.recent) + pending_tokens;
     const int64_t prot = (window + block_size - 1) / block_size * block_size;
-    const int64_t seq_len = next + pending_tokens;
+    const int64_t seq_len = static_cast<int64_t>(next) + pending_tokens;
     const auto target = static_cast<int64_t>(std::ceil(static_cast<double>(seq_len - prot) * static_cast<double>(heads) *
                                                        static_cast<double>(budget.ratio))) + prot * heads;
     const int64_t excess = tokens - target;

@@ -30,15 +30,16 @@ enum class pyramid_form : uint8_t {
                                                                           int32_t c, int32_t w, int32_t n,
                                                                           int32_t beta) noexcept {
   if (n < c) return c - w;
-  if (n < 2 * (c - w)) return c - w;
-  int32_t min_num = (c - w) / beta;
-  int32_t max_num = 2 * (c - w) - min_num;
-  if (max_num >= n - w) {
-    max_num = n - w;
-    min_num = 2 * (c - w) - max_num;
+  const int64_t cw = static_cast<int64_t>(c) - w;  // 64-bit: 2 (c - w) passes 2^31 for heads past 2^30 tokens
+  if (n < 2 * cw) return c - w;
+  int64_t min_num = cw / beta;
+  int64_t max_num = 2 * cw - min_num;
+  if (max_num >= static_cast<int64_t>(n) - w) {
+    max_num = static_cast<int64_t>(n) - w;
+    min_num = 2 * cw - max_num;
   }
-  const int32_t step = layers > 1 ? (max_num - min_num) / (layers - 1) : 0;
-  return max_num - layer * step;
+  const int64_t step = layers > 1 ? (max_num - min_num) / (layers - 1) : 0;
+  return static_cast<int32_t>(max_num - layer * step);
 }
 
 //! Pure formula of the real form: tokens kept (window included) for keep-ratio `r`.

@@ -23,7 +23,8 @@ template <class A>
       const head_candidates& c = table.at(l, h);
       const int32_t nominal = a.nominal_select(ctx.first_layer + l, ctx.total_layers, c.length,
                                                static_cast<int32_t>(c.protected_slots.size()));
-      select[static_cast<size_t>(l) * table.heads() + h] = std::clamp(nominal, 0, static_cast<int32_t>(c.ranked.size()));
+      select[static_cast<size_t>(l) * table.heads() + h] =
+          std::clamp(nominal, min_candidates(c), static_cast<int32_t>(c.ranked.size()));
     }
   return status::success;
 }

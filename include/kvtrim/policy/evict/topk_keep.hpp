@@ -67,9 +67,11 @@ struct block_evictor {
   [[nodiscard]] status plan(const candidate_table& table, std::span<const int32_t> select, eviction_plan& out) const {
     if (const status s = validate(); s != status::success) return s;
     return detail::plan_heads(table, select, out, [bs = block_size](const head_candidates& c, int32_t count) {
-      const auto protected_count = static_cast<int32_t>(c.protected_slots.size());
-      const int32_t whole = (count + protected_count + bs - 1) / bs * bs;
-      return std::min(static_cast<int32_t>(c.ranked.size()), std::max(count, whole - protected_count));
+      // 64-bit: a block size near 2^31 must round up, not overflow.
+      const auto protected_count = static_cast<int64_t>(c.protected_slots.size());
+      const int64_t whole = (count + protected_count + bs - 1) / bs * bs;
+      return static_cast<int32_t>(
+          std::min<int64_t>(static_cast<int64_t>(c.ranked.size()), std::max<int64_t>(count, whole - protected_count)));
     });
   }
 };

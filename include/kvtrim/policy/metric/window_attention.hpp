@@ -181,7 +181,7 @@ struct window_attention {
         denom += logits[j];
       }
       for (size_t j = 0; j < n; ++j) {
-        if (head.positions[j] > q_pos - buffer) continue;
+        if (static_cast<int64_t>(head.positions[j]) > static_cast<int64_t>(q_pos) - buffer) continue;  // no overflow
         const float p = logits[j] / denom;
         acc[j] += squared ? p * p : p;
       }
