@@ -21,7 +21,7 @@ void run_step(benchmark::State& state, const P& policy, int32_t window) {
   }
   const kvtrim::attention_shape model{1, q_heads, kv_heads, head_dim};
   device_memory queries(static_cast<size_t>(batch) * window * q_heads * head_dim * sizeof(float));
-  cudaMemset(queries.ptr, 0, queries.bytes);
+  fill_random(queries.as<float>(), queries.bytes / sizeof(float), 4);
   std::vector<int32_t> pos(static_cast<size_t>(batch) * window);
   for (int32_t b = 0; b < batch; ++b)
     for (int32_t r = 0; r < window; ++r) pos[static_cast<size_t>(b) * window + r] = n - window + r;

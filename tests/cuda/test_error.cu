@@ -28,7 +28,7 @@ kvtrim::status round_trip(void* device, const void* src, void* dst, std::size_t 
 
 }  // namespace
 
-TEST_CASE("KVTRIM_CUDA_TRY maps a failed cudaMemcpy to status::cuda_error", "[cuda]") {
+TEST_CASE("KVTRIM_CUDA_TRY maps a failed cudaMemcpy to status::cuda_error", "[cuda][api-error]") {
   kvtrim::cuda::clear_last_error();
   const std::vector<float> src(16, 1.f);
   std::vector<float> dst(16, 0.f);
@@ -64,7 +64,7 @@ TEST_CASE("KVTRIM_CUDA_TRY maps a failed cudaMemcpy to status::cuda_error", "[cu
   CHECK(cudaFree(device) == cudaSuccess);
 }
 
-TEST_CASE("KVTRIM_CUDA_TRY returns cuda_error for an invalid device pointer", "[cuda]") {
+TEST_CASE("KVTRIM_CUDA_TRY returns cuda_error for an invalid device pointer", "[cuda][api-error]") {
   const std::vector<char> src(8, 'x');
   kvtrim::cuda::clear_last_error();
   const auto copy_to_null = [&]() -> kvtrim::status {

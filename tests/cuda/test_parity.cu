@@ -188,6 +188,11 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "
         kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = bs, .protected_window = 8}), model, bs,
         seed, 8);
   }
+  SECTION("KV-Compress, nothing protected (every head keeps at least one token)") {
+    check_compression<kv::kv_compress_policy, TestType>(
+        kv::kv_compress({.budget = kv::token_budget::of_tokens(16), .block_size = bs, .protected_window = 0}), model, bs,
+        seed, 8);
+  }
   SECTION("H2O (prefill observation)") {
     check_compression<kv::h2o_policy, TestType>(kv::h2o({.budget = kv::token_budget::of_tokens(48), .recent = 8}), model,
                                                 bs, seed, 8);

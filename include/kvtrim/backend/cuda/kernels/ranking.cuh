@@ -269,6 +269,14 @@ __device__ __forceinline__ int32_t nominal_select(const device_budget& d, bool p
   return max(1, keep) - protect;
 }
 
+//! min_candidates (plan/candidates.hpp) from the counts: a non-empty head with nothing
+//! protected keeps at least one candidate.
+__device__ __forceinline__ int32_t clamp_select(int32_t select, int32_t n, int32_t protect) {
+  const int32_t ranked = n - protect;
+  const int32_t least = protect == 0 && ranked > 0 ? 1 : 0;
+  return min(max(select, least), ranked);
+}
+
 //! Uniform / pyramid: one thread per head.
 template <kv_element T>
 __global__ void per_head_budget_kernel(const __grid_constant__ plan_params<T> p) {
@@ -279,7 +287,7 @@ __global__ void per_head_budget_kernel(const __grid_constant__ plan_params<T> p)
     const int64_t head = mirror_head(a, hi, layer);
     const int32_t n = a.pool.lengths[head], prot = p.protect[hi];
     const int32_t nominal = nominal_select(a.budget, a.budget.type == device_budget::kind::pyramid, layer, a.pool.layers, n, prot);
-    p.select[hi] = min(max(nominal, 0), n - prot);
+    p.select[hi] = clamp_select(nominal, n, prot);
   }
 }
 
@@ -350,7 +358,7 @@ __global__ void adaptive_finish_kernel(const __grid_constant__ plan_params<T> p)
   const auto& a = p.args;
   for (int64_t hi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; hi < p.layout.heads;
        hi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]), ranked = n - p.protect[hi];
+    const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
     const int32_t base = p.select[hi];
     int32_t b = base;
     if (p.group_flag[hi / a.pool.heads]) {
@@ -359,7 +367,7 @@ __global__ void adaptive_finish_kernel(const __grid_constant__ plan_params<T> p)
                                 static_cast<float>(floor_capacity));
       b = static_cast<int32_t>(rintf(v));
     }
-    p.select[hi] = min(max(b, 0), ranked);
+    p.select[hi] = clamp_select(b, n, p.protect[hi]);
   }
 }
 
