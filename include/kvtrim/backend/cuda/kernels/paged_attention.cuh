@@ -61,6 +61,7 @@ namespace detail {
 
 struct decode_layout {
   int32_t group = 1;
+  int32_t split_tokens = 1;
   int32_t splits = 1;
   int64_t partial_acc = 0;    // [batch][H][splits][G][d]
   int64_t partial_stats = 0;  // [batch][H][splits][G][2]
@@ -68,11 +69,23 @@ struct decode_layout {
   int64_t stats = 0;          // [batch][H][G][2] (accumulation only)
 };
 
+//! Keys per CTA: enough CTAs to fill the device (attention_tuning::target_ctas) over the
+//! batch's longest head, within [min_split_tokens, max_split_tokens], a multiple of 32.
+template <kv_element T>
+[[nodiscard]] int32_t split_tokens_for(const decode_arguments<T>& a) noexcept {
+  constexpr attention_tuning t = default_tuning.attention;
+  const int64_t keys = static_cast<int64_t>(a.max_length) * a.batch * a.pool.heads;
+  int64_t split = ceil_div(keys, t.target_ctas);
+  split = split < t.min_split_tokens ? t.min_split_tokens : (split > t.max_split_tokens ? t.max_split_tokens : split);
+  return static_cast<int32_t>(ceil_div(split, 32) * 32);
+}
+
 template <kv_element T>
 [[nodiscard]] decode_layout decode_layout_of(const decode_arguments<T>& a) noexcept {
   decode_layout l;
   l.group = a.pool.heads > 0 ? a.q_heads / a.pool.heads : 1;
-  l.splits = static_cast<int32_t>(ceil_div(a.max_length, default_tuning.attention.tokens_per_split));
+  l.split_tokens = split_tokens_for(a);
+  l.splits = static_cast<int32_t>(ceil_div(a.max_length, l.split_tokens));
   const int64_t heads = static_cast<int64_t>(a.batch) * a.pool.heads;
   l.partial_acc = heads * l.splits * l.group * a.pool.head_dim;
   l.partial_stats = heads * l.splits * l.group * 2;
@@ -112,36 +125,79 @@ struct decode_params {
   float* stats;
 };
 
-//! Lanes that share one key: the head dim is split into 8-element pieces for the fast paths;
-//! the generic kernel gives the whole warp to one key and strides over d.
-template <int32_t HeadDim>
-inline constexpr int32_t lanes_per_key = HeadDim == dynamic_head_dim ? 32 : (HeadDim / 8 < 1 ? 1 : (HeadDim / 8 > 32 ? 32 : HeadDim / 8));
-template <int32_t HeadDim>
-inline constexpr int32_t elements_per_lane =
-    HeadDim == dynamic_head_dim ? max_attention_head_dim / 32 : (HeadDim + lanes_per_key<HeadDim> - 1) / lanes_per_key<HeadDim>;
+//! Elements of one 16-byte load.
+template <kv_element T>
+inline constexpr int32_t vector_elements = static_cast<int32_t>(16 / sizeof(T));
 
-//! Element e of sub-lane `sub`: contiguous pieces for the fast paths, strided for the generic one.
+//! Lanes that share one key. Fast paths (static head dim): each lane holds one 16-byte vector
+//! of the row, so a warp reads whole rows with 16-byte loads. The generic kernel gives the
+//! whole warp to one key and strides over d one element at a time.
+template <kv_element T, int32_t HeadDim>
+inline constexpr int32_t lanes_per_key = HeadDim == dynamic_head_dim ? 32 : HeadDim / vector_elements<T>;
+template <kv_element T, int32_t HeadDim>
+inline constexpr int32_t elements_per_lane =
+    HeadDim == dynamic_head_dim ? max_attention_head_dim / 32 : vector_elements<T>;
+//! Keys each subgroup loads before it uses the first: the loads in flight that hide latency.
 template <int32_t HeadDim>
+inline constexpr int32_t keys_in_flight = HeadDim == dynamic_head_dim ? 2 : 4;
+
+//! What one lane holds of one stored row: fast paths one aligned vector, the generic kernel
+//! the elements sub, sub + 32, ... (unloaded elements stay unread and count as zero).
+template <kv_element T, int32_t HeadDim>
+struct row_piece {
+  alignas(16) T raw[elements_per_lane<T, HeadDim>];
+
+  __device__ __forceinline__ void load_from(const T* row, int32_t sub, int32_t d, bool valid) {
+    if constexpr (HeadDim != dynamic_head_dim) {
+      static_assert(lanes_per_key<T, HeadDim> >= 1 && lanes_per_key<T, HeadDim> <= 32 &&
+                    (lanes_per_key<T, HeadDim> & (lanes_per_key<T, HeadDim> - 1)) == 0);
+      if (valid) *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(row + sub * vector_elements<T>);
+    } else {
+#pragma unroll
+      for (int32_t e = 0; e < elements_per_lane<T, HeadDim>; ++e) {
+        const int32_t c = sub + 32 * e;
+        if (valid && c < d) raw[e] = row[c];
+      }
+    }
+  }
+  //! Element e as fp32; zero where nothing was loaded.
+  __device__ __forceinline__ float at(int32_t e, int32_t sub, int32_t d, bool valid) const {
+    if constexpr (HeadDim != dynamic_head_dim) {
+      return valid ? load(raw[e]) : 0.f;
+    } else {
+      return (valid && sub + 32 * e < d) ? load(raw[e]) : 0.f;
+    }
+  }
+};
+
+//! Column of element e of sub-lane `sub`.
+template <kv_element T, int32_t HeadDim>
 __device__ __forceinline__ int32_t element_of(int32_t sub, int32_t e) {
   if constexpr (HeadDim == dynamic_head_dim) {
     return sub + 32 * e;
   } else {
-    return sub * elements_per_lane<HeadDim> + e;
+    return sub * vector_elements<T> + e;
   }
 }
 
-template <kv_element T, int32_t HeadDim, int32_t Threads, int32_t MaxGroup>
+//! One CTA reads keys [split * split_tokens, ...) of one (sequence, KV head) for its G query
+//! heads. Each subgroup of lanes_per_key lanes owns one key at a time and issues the K and V
+//! loads of keys_in_flight keys before using the first; an online softmax in fp32 per query
+//! head. `Group` is G when it is a compile-time constant, 0 for a run-time G <= MaxGroup.
+template <kv_element T, int32_t HeadDim, int32_t Group, int32_t Threads, int32_t MaxGroup>
 __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_constant__ decode_params<T> p) {
-  constexpr int32_t lpk = lanes_per_key<HeadDim>;
-  constexpr int32_t epl = elements_per_lane<HeadDim>;
+  constexpr int32_t lpk = lanes_per_key<T, HeadDim>;
+  constexpr int32_t epl = elements_per_lane<T, HeadDim>;
+  constexpr int32_t unroll = keys_in_flight<HeadDim>;
   constexpr int32_t keys_per_warp = 32 / lpk;
   constexpr int32_t warps = Threads / 32;
   constexpr int32_t subgroups = warps * keys_per_warp;
+  constexpr int32_t group_regs = Group == 0 ? MaxGroup : Group;
   extern __shared__ float smem[];  // [subgroups][G][d] acc, then [subgroups][G] max and sum
 
   const auto& a = p.args;
   const int32_t d = head_dim_of<HeadDim>(a.pool.head_dim);
-  const int32_t G = p.group;
+  const int32_t G = Group == 0 ? p.group : Group;
   const int32_t h = blockIdx.y, b = blockIdx.z, split = blockIdx.x;
   const int64_t head = a.pool.head_index(a.rows[b], a.layer, h);
   const int32_t length = a.pool.lengths[head];
@@ -152,61 +208,75 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
   const int32_t sub = lane % lpk;
   const int32_t subgroup = warp * keys_per_warp + lane / lpk;
 
-  float q[MaxGroup][epl];
-  float acc[MaxGroup][epl];
-  float m[MaxGroup], s[MaxGroup];
+  float q[group_regs][epl];
+  float acc[group_regs][epl];
+  float m[group_regs], s[group_regs];
   const float* qb = a.q + (static_cast<int64_t>(b) * a.q_heads + static_cast<int64_t>(h) * G) * d;
 #pragma unroll
-  for (int32_t g = 0; g < MaxGroup; ++g) {
+  for (int32_t g = 0; g < group_regs; ++g) {
     m[g] = -INFINITY;
     s[g] = 0.f;
 #pragma unroll
     for (int32_t e = 0; e < epl; ++e) {
-      const int32_t c = element_of<HeadDim>(sub, e);
+      const int32_t c = element_of<T, HeadDim>(sub, e);
       q[g][e] = (g < G && c < d) ? qb[static_cast<int64_t>(g) * d + c] : 0.f;
       acc[g][e] = 0.f;
     }
   }
 
   // Every lane of a warp runs the same number of iterations (the shuffles need them all).
-  for (int32_t base = begin; base < end; base += subgroups) {
-    const int32_t j = base + subgroup;
-    const bool valid = j < end;
-    const int64_t slot = valid ? a.pool.physical(head, j) : 0;
-    float kv[epl];
+  for (int32_t base = begin; base < end; base += subgroups * unroll) {
+    row_piece<T, HeadDim> k[unroll], v[unroll];
+    bool valid[unroll];
 #pragma unroll
-    for (int32_t e = 0; e < epl; ++e) {
-      const int32_t c = element_of<HeadDim>(sub, e);
-      kv[e] = (valid && c < d) ? load(a.pool.keys[slot * d + c]) : 0.f;
+    for (int32_t u = 0; u < unroll; ++u) {
+      const int32_t j = base + u * subgroups + subgroup;
+      valid[u] = j < end;
+      const int64_t slot = valid[u] ? a.pool.physical(head, j) : 0;
+      k[u].load_from(a.pool.keys + slot * d, sub, d, valid[u]);
+      v[u].load_from(a.pool.values + slot * d, sub, d, valid[u]);
     }
-    float logit[MaxGroup];
+    float logit[unroll][group_regs];
 #pragma unroll
-    for (int32_t g = 0; g < MaxGroup; ++g) {
-      float dot = 0.f;
+    for (int32_t u = 0; u < unroll; ++u) {
+      float kf[epl];
 #pragma unroll
-      for (int32_t e = 0; e < epl; ++e) dot += q[g][e] * kv[e];
+      for (int32_t e = 0; e < epl; ++e) kf[e] = k[u].at(e, sub, d, valid[u]);
 #pragma unroll
-      for (int32_t offset = lpk / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-      logit[g] = dot / p.sqrt_d;
-    }
+      for (int32_t g = 0; g < group_regs; ++g) {
+        float dot = 0.f;
+        if (Group != 0 || g < G) {
 #pragma unroll
-    for (int32_t e = 0; e < epl; ++e) {
-      const int32_t c = element_of<HeadDim>(sub, e);
-      kv[e] = (valid && c < d) ? load(a.pool.values[slot * d + c]) : 0.f;
-    }
-    if (valid) {
+          for (int32_t e = 0; e < epl; ++e) dot += q[g][e] * kf[e];
 #pragma unroll
-      for (int32_t g = 0; g < MaxGroup; ++g) {
-        if (g >= G) break;
-        const float m_new = fmaxf(m[g], logit[g]);
-        const float scale = expf(m[g] - m_new);
-        const float w = expf(logit[g] - m_new);
-        s[g] = s[g] * scale + w;
-#pragma unroll
-        for (int32_t e = 0; e < epl; ++e) acc[g][e] = acc[g][e] * scale + w * kv[e];
-        m[g] = m_new;
-        if (p.logits && sub == 0) p.logits[(head_slot(b, h, a.pool.heads) * G + g) * a.max_length + j] = logit[g];
+          for (int32_t offset = lpk / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        }
+        logit[u][g] = dot / p.sqrt_d;
       }
+    }
+#pragma unroll
+    for (int32_t g = 0; g < group_regs; ++g) {
+      if (g >= G) break;
+      float m_new = m[g];
+#pragma unroll
+      for (int32_t u = 0; u < unroll; ++u)
+        if (valid[u]) m_new = fmaxf(m_new, logit[u][g]);
+      if (m_new == -INFINITY) continue;  // no valid key in this round
+      const float scale = expf(m[g] - m_new);
+      s[g] *= scale;
+#pragma unroll
+      for (int32_t e = 0; e < epl; ++e) acc[g][e] *= scale;
+#pragma unroll
+      for (int32_t u = 0; u < unroll; ++u) {
+        if (!valid[u]) continue;
+        const float w = expf(logit[u][g] - m_new);
+        s[g] += w;
+#pragma unroll
+        for (int32_t e = 0; e < epl; ++e) acc[g][e] += w * v[u].at(e, sub, d, true);
+        if (p.logits && sub == 0)
+          p.logits[(head_slot(b, h, a.pool.heads) * G + g) * a.max_length + base + u * subgroups + subgroup] = logit[u][g];
+      }
+      m[g] = m_new;
     }
   }
 
@@ -215,7 +285,7 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
   float* smax = smem + static_cast<int64_t>(subgroups) * G * d;    // [subgroups][G]
   float* ssum = smax + subgroups * G;                              // [subgroups][G]
 #pragma unroll
-  for (int32_t g = 0; g < MaxGroup; ++g) {
+  for (int32_t g = 0; g < group_regs; ++g) {
     if (g >= G) break;
     if (sub == 0) {
       smax[subgroup * G + g] = m[g];
@@ -223,7 +293,7 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
     }
 #pragma unroll
     for (int32_t e = 0; e < epl; ++e) {
-      const int32_t c = element_of<HeadDim>(sub, e);
+      const int32_t c = element_of<T, HeadDim>(sub, e);
       if (c < d) sacc[(static_cast<int64_t>(subgroup) * G + g) * d + c] = acc[g][e];
     }
   }
@@ -249,30 +319,32 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
   }
 }
 
+//! Merges the splits of one (sequence, KV head): one thread per output element (g, c), grid
+//! (H, batch, element blocks), so the split loops of many elements overlap.
 template <kv_element T>
 __global__ void decode_combine_kernel(const __grid_constant__ decode_params<T> p) {
   const auto& a = p.args;
   const int32_t d = a.pool.head_dim, G = p.group;
   const int32_t h = blockIdx.x, b = blockIdx.y;
   const int64_t hs = head_slot(b, h, a.pool.heads);
-  for (int32_t i = threadIdx.x; i < G * d; i += blockDim.x) {
-    const int32_t g = i / d, c = i - g * d;
-    float mx = -INFINITY;
-    for (int32_t t = 0; t < p.splits; ++t) mx = fmaxf(mx, p.partial_stats[((hs * p.splits + t) * G + g) * 2]);
-    float sum = 0.f, out = 0.f;
-    for (int32_t t = 0; t < p.splits; ++t) {
-      const int64_t part = (hs * p.splits + t) * G + g;
-      const float pm = p.partial_stats[part * 2];
-      if (pm == -INFINITY) continue;
-      const float f = expf(pm - mx);
-      sum += p.partial_stats[part * 2 + 1] * f;
-      out += p.partial_acc[part * d + c] * f;
-    }
-    a.out[(static_cast<int64_t>(b) * a.q_heads + static_cast<int64_t>(h) * G + g) * d + c] = sum > 0.f ? out / sum : 0.f;
-    if (p.stats && c == 0) {
-      p.stats[(hs * G + g) * 2] = mx;
-      p.stats[(hs * G + g) * 2 + 1] = sum;
-    }
+  const int32_t i = static_cast<int32_t>(blockIdx.z * blockDim.x + threadIdx.x);
+  if (i >= G * d) return;
+  const int32_t g = i / d, c = i - g * d;
+  const float* stats = p.partial_stats + hs * p.splits * G * 2;
+  float mx = -INFINITY;
+  for (int32_t t = 0; t < p.splits; ++t) mx = fmaxf(mx, stats[(t * G + g) * 2]);
+  float sum = 0.f, out = 0.f;
+#pragma unroll 4
+  for (int32_t t = 0; t < p.splits; ++t) {
+    const float pm = stats[(t * G + g) * 2];
+    const float f = pm == -INFINITY ? 0.f : expf(pm - mx);
+    sum += stats[(t * G + g) * 2 + 1] * f;
+    out += p.partial_acc[((hs * p.splits + t) * G + g) * d + c] * f;
+  }
+  a.out[(static_cast<int64_t>(b) * a.q_heads + static_cast<int64_t>(h) * G + g) * d + c] = sum > 0.f ? out / sum : 0.f;
+  if (p.stats && c == 0) {
+    p.stats[(hs * G + g) * 2] = mx;
+    p.stats[(hs * G + g) * 2 + 1] = sum;
   }
 }
 
@@ -298,19 +370,22 @@ __global__ void decode_metric_kernel(const __grid_constant__ decode_params<T> p)
   }
 }
 
-template <kv_element T, int32_t HeadDim>
+template <kv_element T, int32_t HeadDim, int32_t Group>
 [[nodiscard]] status launch_decode(const decode_params<T>& p, cudaStream_t stream) {
   constexpr int32_t threads = default_tuning.attention.threads;
   constexpr int32_t max_group = default_tuning.attention.max_group;
-  constexpr int32_t subgroups = (threads / 32) * (32 / lanes_per_key<HeadDim>);
+  constexpr int32_t subgroups = (threads / 32) * (32 / lanes_per_key<T, HeadDim>);
   const auto& a = p.args;
   const size_t smem = static_cast<size_t>(subgroups) * p.group * (a.pool.head_dim + 2) * sizeof(float);
-  auto kernel = decode_split_kernel<T, HeadDim, threads, max_group>;
+  auto kernel = decode_split_kernel<T, HeadDim, Group, threads, max_group>;
   if (smem > 48 * 1024) KVTRIM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(a.pool.heads), static_cast<unsigned>(a.batch));
   kernel<<<grid, threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  decode_combine_kernel<T><<<dim3(a.pool.heads, a.batch), 128, 0, stream>>>(p);
+  constexpr int32_t combine_threads = 128;
+  const dim3 combine_grid(static_cast<unsigned>(a.pool.heads), static_cast<unsigned>(a.batch),
+                          static_cast<unsigned>(ceil_div(static_cast<int64_t>(p.group) * a.pool.head_dim, combine_threads)));
+  decode_combine_kernel<T><<<combine_grid, combine_threads, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   if (p.logits) {
     const int32_t t = default_tuning.elementwise.threads;
@@ -320,6 +395,24 @@ template <kv_element T, int32_t HeadDim>
     KVTRIM_CUDA_TRY(cudaGetLastError());
   }
   return status::success;
+}
+
+//! Compile-time G for the common groups (MHA, Llama-3-8B's 4, Llama-3-70B's 8), run-time
+//! otherwise.
+template <kv_element T, int32_t HeadDim>
+[[nodiscard]] status launch_decode_group(const decode_params<T>& p, cudaStream_t stream) {
+  switch (p.group) {
+    case 1: return launch_decode<T, HeadDim, 1>(p, stream);
+    case 4: return launch_decode<T, HeadDim, 4>(p, stream);
+    case 8: return launch_decode<T, HeadDim, 8>(p, stream);
+    default: return launch_decode<T, HeadDim, 0>(p, stream);
+  }
+}
+
+//! The fast paths load 16-byte vectors: K and V must be 16-byte aligned.
+template <kv_element T>
+[[nodiscard]] bool vector_aligned(const paged_view<T>& pool) noexcept {
+  return reinterpret_cast<uintptr_t>(pool.keys) % 16 == 0 && reinterpret_cast<uintptr_t>(pool.values) % 16 == 0;
 }
 
 }  // namespace detail
@@ -333,7 +426,7 @@ template <kv_element T>
   if (!workspace) return status::invalid_argument;
   const detail::decode_layout l = detail::decode_layout_of(a);
   detail::workspace_carver w(workspace);
-  detail::decode_params<T> p{a, l.group, l.splits, default_tuning.attention.tokens_per_split,
+  detail::decode_params<T> p{a, l.group, l.splits, l.split_tokens,
                              std::sqrt(static_cast<float>(a.pool.head_dim)), nullptr, nullptr, nullptr, nullptr};
   p.partial_acc = w.take<float>(l.partial_acc);
   p.partial_stats = w.take<float>(l.partial_stats);
@@ -341,7 +434,10 @@ template <kv_element T>
     p.logits = w.take<float>(l.logits);
     p.stats = w.take<float>(l.stats);
   }
-  return dispatch_head_dim(a.pool.head_dim, [&](auto dim) { return detail::launch_decode<T, decltype(dim)::value>(p, stream); });
+  if (!detail::vector_aligned(a.pool))
+    return detail::launch_decode_group<T, dynamic_head_dim>(p, stream);
+  return dispatch_head_dim(a.pool.head_dim,
+                           [&](auto dim) { return detail::launch_decode_group<T, decltype(dim)::value>(p, stream); });
 }
 
 }  // namespace cuda

@@ -7,10 +7,14 @@
 //! mask by position, plain or squared probabilities summed (or averaged) over the window
 //! queries, the GQA reduction, and max / avg pooling along positions.
 //!
-//! Two passes over K per head: pass 1 the softmax max and denominator of every window query
-//! (split over keys, merged), pass 2 the probabilities, aggregated per key in the CPU's order
-//! (rows ascending, then the group). No w x n matrix is stored. The dot products run on fp32
-//! CUDA cores; a tensor-core path is future work (docs/performance.md).
+//! One CTA scores a split of one head's keys for a block of up to 128 (query head, row)
+//! pairs, staged once in shared memory; key tiles of 64 are staged transposed, and each thread
+//! computes a 4-pair x 8-key tile of logits in registers. Two passes over K: pass 1 keeps
+//! every pair's running softmax max and denominator in registers (merged over the CTA's
+//! lanes, then over splits), pass 2 the probabilities, summed per (query head, key) over the
+//! rows in ascending order (the CPU's order). No w x n matrix is stored. The dot products run
+//! on fp32 CUDA cores in the CPU's order over d, so the device ranks as the CPU oracle does;
+//! a tensor-core path would round the queries (docs/performance.md).
 
 #include <cuda_runtime_api.h>
 
@@ -44,6 +48,9 @@ struct window_score_arguments {
   float* scores = nullptr;             //!< [batch][layer_count][H][stride] device, slot order
 };
 
+//! Shared memory holds a 128-pair block and a 64-key tile at this head dim.
+inline constexpr int32_t max_window_head_dim = 256;
+
 template <kv_element T>
 [[nodiscard]] status can_implement(const window_score_arguments<T>& a) noexcept {
   if (const status s = a.pool.validate(); s != status::success) return s;
@@ -56,48 +63,67 @@ template <kv_element T>
       a.first_layer + a.layer_count > a.pool.layers || a.stride < 1)
     return status::invalid_argument;
   if (a.window < 1) return status::window_too_large;
-  if (a.pool.head_dim > 1024) return status::not_supported;
+  if (a.pool.head_dim > max_window_head_dim) return status::not_supported;
   if (a.batch > 0 && (!a.rows || !a.queries || !a.query_positions || !a.scores)) return status::invalid_argument;
   return status::success;
 }
 
 namespace detail {
 
+//! The CTA's shape: 32 pair groups x 8 key groups of threads, each thread 4 pairs x 8 keys.
+inline constexpr int32_t window_threads = 256;
+inline constexpr int32_t window_pairs = 128;   // pairs per block
+inline constexpr int32_t window_keys = 64;     // keys per tile
+inline constexpr int32_t pair_pitch = window_pairs + 4;  // transposed rows, 16-byte aligned
+inline constexpr int32_t key_pitch = window_keys + 4;
+inline constexpr int32_t prob_pitch = window_keys + 1;
+
 struct window_layout {
   int32_t per_row = 1;      // query heads per stored head
   int32_t pairs = 1;        // per_row * w
+  int32_t split_keys = 1;   // keys per CTA, a multiple of window_keys
   int32_t splits = 1;
-  int32_t tile = 1;         // keys per shared-memory tile
-  int32_t out_rows = 1;     // aggregated rows per head: per_row (after_pool) or 1
   bool pool = false;
   bool after_pool = false;
   int64_t heads = 0;        // batch * layer_count * H
   int64_t partial = 0;      // [heads][pairs][splits][2]
   int64_t stats = 0;        // [heads][pairs][2]
-  int64_t agg = 0;          // [heads][out_rows][stride]
-  int64_t pooled = 0;       // [heads][out_rows][stride] (after_pool with pooling)
+  int64_t agg = 0;          // [heads][per_row][stride]: row sums per query head
+  int64_t pooled = 0;       // [heads][per_row or 1][stride] (with pooling)
   int64_t items = 0;        // [heads][stride] sort items
 };
 
 template <kv_element T>
 [[nodiscard]] window_layout window_layout_of(const window_score_arguments<T>& a) noexcept {
+  constexpr window_tuning t = default_tuning.window;
   window_layout l;
   const bool per_query = a.metric.reduce == gqa_reduce::per_query_head;
   l.per_row = per_query ? 1 : (a.pool.heads > 0 ? a.q_heads / a.pool.heads : 1);
   l.pairs = l.per_row * a.window;
-  l.splits = static_cast<int32_t>(ceil_div(a.stride, default_tuning.window.keys_per_split));
-  const int32_t fit = default_tuning.window.smem_floats / (a.pool.head_dim + 1);
-  l.tile = fit < 1 ? 1 : (fit > 64 ? 64 : fit);
+  l.heads = static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads;
+  // Enough CTAs to fill the device: split each head's keys.
+  int64_t split = ceil_div(static_cast<int64_t>(a.stride) * (l.heads > 0 ? l.heads : 1), t.target_ctas);
+  split = split < t.min_split_keys ? t.min_split_keys : (split > t.max_split_keys ? t.max_split_keys : split);
+  l.split_keys = static_cast<int32_t>(ceil_div(split, window_keys) * window_keys);
+  l.splits = static_cast<int32_t>(ceil_div(a.stride, l.split_keys));
   l.pool = a.metric.pool != pooling::none && a.metric.kernel > 1;
   l.after_pool = !per_query && a.metric.order == reduce_order::after_pool;
-  l.out_rows = l.after_pool ? l.per_row : 1;
-  l.heads = static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads;
   l.partial = l.heads * l.pairs * l.splits * 2;
   l.stats = l.heads * l.pairs * 2;
-  l.agg = l.heads * l.out_rows * a.stride;
-  l.pooled = (l.pool && l.after_pool) ? l.agg : 0;
+  l.agg = l.heads * l.per_row * a.stride;
+  l.pooled = l.pool ? l.heads * (l.after_pool ? l.per_row : 1) * a.stride : 0;
   l.items = l.pool ? l.heads * a.stride : 0;
   return l;
+}
+
+//! Shared memory: the pair block transposed [d][pair_pitch], then a region that holds the key
+//! tile transposed [d][key_pitch] and, once the logits are in registers, the probability tile
+//! [window_pairs][prob_pitch]; then key positions, pair positions and pair statistics.
+[[nodiscard]] inline size_t window_smem(int32_t d) noexcept {
+  const int64_t tile = static_cast<int64_t>(d) * key_pitch;
+  const int64_t probs = static_cast<int64_t>(window_pairs) * prob_pitch;
+  const int64_t floats = static_cast<int64_t>(d) * pair_pitch + (tile > probs ? tile : probs);
+  return static_cast<size_t>(floats) * sizeof(float) + (window_keys + window_pairs) * sizeof(int32_t);
 }
 
 }  // namespace detail
@@ -165,110 +191,141 @@ __device__ __forceinline__ window_head<T> window_head_of(const window_params<T>&
   return w;
 }
 
-//! Shared memory of both passes: key tile [tile][d+1], query chunk [chunk][d+1],
-//! logits [chunk][tile], key positions [tile], and per pass 1 the running max/sum [pairs][2]
-//! or per pass 2 the per-key accumulators [per_row][tile].
-[[nodiscard]] inline size_t window_smem(const window_layout& l, int32_t d) noexcept {
-  const int64_t chunk = default_tuning.window.query_chunk;
-  const int64_t floats = static_cast<int64_t>(l.tile) * (d + 1) + chunk * (d + 1) + chunk * l.tile +
-                         2 * static_cast<int64_t>(l.pairs) + static_cast<int64_t>(l.per_row) * l.tile;
-  return static_cast<size_t>(floats) * sizeof(float) + static_cast<size_t>(l.tile + l.pairs) * sizeof(int32_t);
-}
-
-//! Loads key tile [base, base + count) of a head as fp32 with its positions.
+//! Stages pairs [first, first + count) of the head's block transposed: sq[c][pair], and each
+//! pair's query position.
 template <kv_element T>
-__device__ void load_key_tile(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count, int32_t d,
-                              float* sk, int32_t* skpos) {
-  for (int32_t i = threadIdx.x; i < count * d; i += blockDim.x) {
-    const int32_t k = i / d, c = i - k * d;
-    const int64_t slot = pool.physical(head, base + k);
-    sk[k * (d + 1) + c] = load(pool.keys[slot * d + c]);
-    if (c == 0) skpos[k] = pool.positions[slot];
-  }
-}
-
-//! Loads pairs [first, first + count) (pair = g * w + r) of query head base qh0.
-template <kv_element T>
-__device__ void load_query_chunk(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
-                                 int32_t d, float* sq) {
+__device__ void load_pair_block(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
+                                int32_t d, float* sq, int32_t* sqpos) {
   const auto& a = p.args;
   const int32_t qh0 = a.metric.reduce == gqa_reduce::per_query_head ? wh.h : wh.h * p.layout.per_row;
   const int64_t lb = static_cast<int64_t>(wh.b) * a.layer_count + (wh.layer - a.first_layer);
-  for (int32_t i = threadIdx.x; i < count * d; i += blockDim.x) {
+  for (int32_t i = threadIdx.x; i < window_pairs * d; i += blockDim.x) {
     const int32_t q = i / d, c = i - q * d;
     const int32_t pair = first + q;
-    const int32_t g = pair / a.window, r = pair - g * a.window;
-    sq[q * (d + 1) + c] = a.queries[((lb * a.window + r) * a.q_heads + qh0 + g) * d + c];
+    float v = 0.f;
+    if (q < count) {
+      const int32_t g = pair / a.window, r = pair - g * a.window;
+      v = a.queries[((lb * a.window + r) * a.q_heads + qh0 + g) * d + c];
+    }
+    sq[c * pair_pitch + q] = v;
   }
+  for (int32_t q = threadIdx.x; q < window_pairs; q += blockDim.x)
+    sqpos[q] = q < count ? a.query_positions[static_cast<int64_t>(wh.b) * a.window + (first + q) % a.window] : -1;
 }
 
-//! logits[q][k] = q . k / sqrt(d) for the staged chunk and tile.
-__device__ __forceinline__ void chunk_logits(const float* sq, const float* sk, float* sl, int32_t count, int32_t keys,
-                                             int32_t tile, int32_t d, float sqrt_d) {
-  for (int32_t i = threadIdx.x; i < count * tile; i += blockDim.x) {
-    const int32_t q = i / tile, k = i - q * tile;
-    if (k >= keys) continue;
-    float dot = 0.f;
-    for (int32_t c = 0; c < d; ++c) dot += sq[q * (d + 1) + c] * sk[k * (d + 1) + c];
-    sl[i] = dot / sqrt_d;
-  }
-}
-
+//! Stages keys [base, base + count) of a head transposed: sk[c][key], as fp32, and their
+//! positions. Lanes walk keys fastest, so the shared-memory stores do not conflict.
 template <kv_element T>
-__global__ void window_stats_kernel(const __grid_constant__ window_params<T> p) {
-  extern __shared__ float smem[];
+__device__ void load_key_tile(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count, int32_t d,
+                              float* sk, int32_t* skpos) {
+  for (int32_t i = threadIdx.x; i < window_keys * d; i += blockDim.x) {
+    const int32_t c = i / window_keys, k = i - c * window_keys;
+    sk[c * key_pitch + k] = k < count ? load(pool.keys[pool.physical(head, base + k) * d + c]) : 0.f;
+  }
+  for (int32_t k = threadIdx.x; k < window_keys; k += blockDim.x)
+    skpos[k] = k < count ? pool.positions[pool.physical(head, base + k)] : INT32_MAX;
+}
+
+//! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending.
+__device__ __forceinline__ void logit_tile(const float* sq, const float* sk, int32_t d, int32_t pg, int32_t kg,
+                                           float sqrt_d, float (&x)[4][8]) {
+#pragma unroll
+  for (int32_t i = 0; i < 4; ++i)
+#pragma unroll
+    for (int32_t j = 0; j < 8; ++j) x[i][j] = 0.f;
+  for (int32_t c = 0; c < d; ++c) {
+    const float4 q = *reinterpret_cast<const float4*>(sq + c * pair_pitch + 4 * pg);
+    const float4 k0 = *reinterpret_cast<const float4*>(sk + c * key_pitch + 8 * kg);
+    const float4 k1 = *reinterpret_cast<const float4*>(sk + c * key_pitch + 8 * kg + 4);
+    const float qv[4] = {q.x, q.y, q.z, q.w};
+    const float kv[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i)
+#pragma unroll
+      for (int32_t j = 0; j < 8; ++j) x[i][j] += qv[i] * kv[j];
+  }
+#pragma unroll
+  for (int32_t i = 0; i < 4; ++i)
+#pragma unroll
+    for (int32_t j = 0; j < 8; ++j) x[i][j] /= sqrt_d;
+}
+
+//! The CTA's smem pointers.
+struct window_smem_view {
+  float* sq;
+  float* sk;       // key tile, then the probability tile
+  int32_t* skpos;
+  int32_t* sqpos;
+};
+__device__ __forceinline__ window_smem_view window_smem_of(float* smem, int32_t d) {
+  const int64_t tile = static_cast<int64_t>(d) * key_pitch;
+  const int64_t probs = static_cast<int64_t>(window_pairs) * prob_pitch;
+  window_smem_view v;
+  v.sq = smem;
+  v.sk = smem + static_cast<int64_t>(d) * pair_pitch;
+  v.skpos = reinterpret_cast<int32_t*>(v.sk + (tile > probs ? tile : probs));
+  v.sqpos = v.skpos + window_keys;
+  return v;
+}
+
+//! Pass 1: per pair, the running max and denominator over this split's causal keys.
+template <kv_element T>
+__global__ void __launch_bounds__(window_threads) window_stats_kernel(const __grid_constant__ window_params<T> p) {
+  extern __shared__ __align__(16) float smem[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
-  const int32_t d = a.pool.head_dim, chunk = default_tuning.window.query_chunk;
+  const int32_t d = a.pool.head_dim;
   const window_head<T> wh = window_head_of(p);
-  float* sk = smem;
-  float* sq = sk + l.tile * (d + 1);
-  float* sl = sq + chunk * (d + 1);
-  float* run = sl + chunk * l.tile;  // [pairs][2]
-  int32_t* skpos = reinterpret_cast<int32_t*>(run + 2 * l.pairs + l.per_row * l.tile);
-  int32_t* sqpos = skpos + l.tile;  // [w]
-  for (int32_t i = threadIdx.x; i < l.pairs; i += blockDim.x) {
-    run[2 * i] = -INFINITY;
-    run[2 * i + 1] = 0.f;
-  }
-  for (int32_t i = threadIdx.x; i < a.window; i += blockDim.x) sqpos[i] = a.query_positions[static_cast<int64_t>(wh.b) * a.window + i];
-  const int32_t begin = blockIdx.x * default_tuning.window.keys_per_split;
-  const int32_t end = min(wh.length, begin + default_tuning.window.keys_per_split);
-  for (int32_t base = begin; base < end; base += l.tile) {
-    const int32_t keys = min(l.tile, end - base);
+  const window_smem_view sm = window_smem_of(smem, d);
+  const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
+  const int32_t begin = blockIdx.x * l.split_keys;
+  const int32_t end = min(wh.length, begin + l.split_keys);
+  for (int32_t first = 0; first < l.pairs; first += window_pairs) {
+    const int32_t count = min(window_pairs, l.pairs - first);
+    float m[4], s[4];
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i) m[i] = -INFINITY, s[i] = 0.f;
     __syncthreads();
-    load_key_tile(a.pool, wh.head, base, keys, d, sk, skpos);
-    for (int32_t first = 0; first < l.pairs; first += chunk) {
-      const int32_t count = min(chunk, l.pairs - first);
+    load_pair_block(p, wh, first, count, d, sm.sq, sm.sqpos);
+    for (int32_t base = begin; base < end; base += window_keys) {
       __syncthreads();
-      load_query_chunk(p, wh, first, count, d, sq);
+      load_key_tile(a.pool, wh.head, base, min(window_keys, end - base), d, sm.sk, sm.skpos);
       __syncthreads();
-      chunk_logits(sq, sk, sl, count, keys, l.tile, d, p.sqrt_d);
-      __syncthreads();
-      for (int32_t q = threadIdx.x; q < count; q += blockDim.x) {
-        const int32_t pair = first + q;
-        const int32_t qpos = sqpos[pair % a.window];
-        float m = run[2 * pair], s = run[2 * pair + 1];
-        for (int32_t k = 0; k < keys; ++k) {
-          if (skpos[k] > qpos) continue;
-          const float x = sl[q * l.tile + k];
-          if (x > m) {
-            s = s * expf(m - x) + 1.f;
-            m = x;
+      float x[4][8];
+      logit_tile(sm.sq, sm.sk, d, pg, kg, p.sqrt_d, x);
+#pragma unroll
+      for (int32_t i = 0; i < 4; ++i) {
+        const int32_t qpos = sm.sqpos[4 * pg + i];
+#pragma unroll
+        for (int32_t j = 0; j < 8; ++j) {
+          if (sm.skpos[8 * kg + j] > qpos) continue;  // causal (and padding: INT32_MAX)
+          if (x[i][j] > m[i]) {
+            s[i] = s[i] * expf(m[i] - x[i][j]) + 1.f;
+            m[i] = x[i][j];
           } else {
-            s += expf(x - m);
+            s[i] += expf(x[i][j] - m[i]);
           }
         }
-        run[2 * pair] = m;
-        run[2 * pair + 1] = s;
       }
     }
-  }
-  __syncthreads();
-  for (int32_t i = threadIdx.x; i < l.pairs; i += blockDim.x) {
-    const int64_t at = ((wh.index * l.pairs + i) * l.splits + blockIdx.x) * 2;
-    p.partial[at] = run[2 * i];
-    p.partial[at + 1] = run[2 * i + 1];
+    // Merge the 8 key groups (adjacent lanes), then one lane per pair group writes.
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int32_t offset = 1; offset < 8; offset *= 2) {
+        const float om = __shfl_xor_sync(0xffffffffu, m[i], offset);
+        const float os = __shfl_xor_sync(0xffffffffu, s[i], offset);
+        const float mx = fmaxf(m[i], om);
+        if (mx != -INFINITY) s[i] = s[i] * expf(m[i] - mx) + os * expf(om - mx);
+        m[i] = mx;
+      }
+      const int32_t q = 4 * pg + i;
+      if (kg == 0 && q < count) {
+        const int64_t at = ((wh.index * l.pairs + first + q) * l.splits + blockIdx.x) * 2;
+        p.partial[at] = m[i];
+        p.partial[at + 1] = s[i];
+      }
+    }
   }
 }
 
@@ -291,79 +348,79 @@ __global__ void window_merge_kernel(const __grid_constant__ window_params<T> p) 
   }
 }
 
+//! Pass 2: probabilities (or their squares) summed per (query head, key) over the rows,
+//! ascending, into agg [heads][per_row][stride].
 template <kv_element T>
-__global__ void window_probs_kernel(const __grid_constant__ window_params<T> p) {
-  extern __shared__ float smem[];
+__global__ void __launch_bounds__(window_threads) window_probs_kernel(const __grid_constant__ window_params<T> p) {
+  extern __shared__ __align__(16) float smem[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
-  const int32_t d = a.pool.head_dim, chunk = default_tuning.window.query_chunk;
+  const int32_t d = a.pool.head_dim;
   const window_head<T> wh = window_head_of(p);
-  float* sk = smem;
-  float* sq = sk + l.tile * (d + 1);
-  float* sl = sq + chunk * (d + 1);
-  float* sstat = sl + chunk * l.tile;    // [pairs][2]
-  float* sacc = sstat + 2 * l.pairs;     // [per_row][tile]
-  int32_t* skpos = reinterpret_cast<int32_t*>(sacc + l.per_row * l.tile);
-  int32_t* sqpos = skpos + l.tile;
-  for (int32_t i = threadIdx.x; i < 2 * l.pairs; i += blockDim.x) sstat[i] = p.stats[wh.index * l.pairs * 2 + i];
-  for (int32_t i = threadIdx.x; i < a.window; i += blockDim.x) sqpos[i] = a.query_positions[static_cast<int64_t>(wh.b) * a.window + i];
-  const int32_t begin = blockIdx.x * default_tuning.window.keys_per_split;
-  const int32_t end = min(wh.length, begin + default_tuning.window.keys_per_split);
+  const window_smem_view sm = window_smem_of(smem, d);
+  const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
+  const int32_t begin = blockIdx.x * l.split_keys;
+  const int32_t end = min(wh.length, begin + l.split_keys);
   const bool squared = a.metric.squared;
-  for (int32_t base = begin; base < end; base += l.tile) {
-    const int32_t keys = min(l.tile, end - base);
-    __syncthreads();
-    load_key_tile(a.pool, wh.head, base, keys, d, sk, skpos);
-    for (int32_t i = threadIdx.x; i < l.per_row * l.tile; i += blockDim.x) sacc[i] = 0.f;
-    for (int32_t first = 0; first < l.pairs; first += chunk) {
-      const int32_t count = min(chunk, l.pairs - first);
-      __syncthreads();
-      load_query_chunk(p, wh, first, count, d, sq);
-      __syncthreads();
-      chunk_logits(sq, sk, sl, count, keys, l.tile, d, p.sqrt_d);
-      __syncthreads();
-      for (int32_t i = threadIdx.x; i < count * l.tile; i += blockDim.x) {
-        const int32_t q = i / l.tile, k = i - q * l.tile;
-        if (k >= keys) continue;
-        const int32_t pair = first + q;
-        const int32_t qpos = sqpos[pair % a.window];
-        const float m = sstat[2 * pair], s = sstat[2 * pair + 1];
-        float x = 0.f;
-        if (m != -INFINITY && skpos[k] <= qpos - a.metric.buffer) {
-          x = expf(sl[i] - m) / s;
-          if (squared) x *= x;
-        }
-        sl[i] = x;
-      }
-      __syncthreads();
-      // Rows ascending per (g, key): the CPU's summation order.
-      for (int32_t i = threadIdx.x; i < l.per_row * keys; i += blockDim.x) {
-        const int32_t g = i / keys, k = i - g * keys;
-        float v = sacc[g * l.tile + k];
-        for (int32_t q = 0; q < count; ++q)
-          if ((first + q) / a.window == g) v += sl[q * l.tile + k];
-        sacc[g * l.tile + k] = v;
-      }
+  for (int32_t first = 0; first < l.pairs; first += window_pairs) {
+    const int32_t count = min(window_pairs, l.pairs - first);
+    float m[4], s[4];
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i) {
+      const int32_t q = first + 4 * pg + i;
+      m[i] = q < l.pairs ? p.stats[(wh.index * l.pairs + q) * 2] : -INFINITY;
+      s[i] = q < l.pairs ? p.stats[(wh.index * l.pairs + q) * 2 + 1] : 1.f;
     }
+    // Query heads whose rows this block holds: [g_first, g_last].
+    const int32_t g_first = first / a.window, g_last = (first + count - 1) / a.window;
     __syncthreads();
-    for (int32_t k = threadIdx.x; k < keys; k += blockDim.x) {
-      const int32_t j = base + k;
-      float v = 0.f;
-      for (int32_t g = 0; g < l.per_row; ++g) {
-        float x = sacc[g * l.tile + k];
-        if (a.metric.aggregation == query_aggregation::mean) x /= static_cast<float>(a.window);
-        if (l.after_pool) {
-          p.agg[(wh.index * l.out_rows + g) * a.stride + j] = x;
-        } else {
-          v = g == 0 ? x : (a.metric.reduce == gqa_reduce::max ? fmaxf(v, x) : v + x);
+    load_pair_block(p, wh, first, count, d, sm.sq, sm.sqpos);
+    for (int32_t base = begin; base < end; base += window_keys) {
+      const int32_t keys = min(window_keys, end - base);
+      __syncthreads();
+      load_key_tile(a.pool, wh.head, base, keys, d, sm.sk, sm.skpos);
+      __syncthreads();
+      float x[4][8];
+      logit_tile(sm.sq, sm.sk, d, pg, kg, p.sqrt_d, x);
+      int32_t kpos[8];
+#pragma unroll
+      for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
+      __syncthreads();  // the probability tile overwrites the key tile
+      float* probs = sm.sk;
+#pragma unroll
+      for (int32_t i = 0; i < 4; ++i) {
+        const int32_t qpos = sm.sqpos[4 * pg + i];
+#pragma unroll
+        for (int32_t j = 0; j < 8; ++j) {
+          float v = 0.f;
+          if (m[i] != -INFINITY && static_cast<int64_t>(kpos[j]) <= static_cast<int64_t>(qpos) - a.metric.buffer) {
+            v = expf(x[i][j] - m[i]) / s[i];
+            if (squared) v *= v;
+          }
+          probs[(4 * pg + i) * prob_pitch + 8 * kg + j] = v;
         }
       }
-      if (!l.after_pool) {
-        if (a.metric.reduce == gqa_reduce::mean) v /= static_cast<float>(l.per_row);
-        p.agg[wh.index * a.stride + j] = v;
+      __syncthreads();
+      for (int32_t i = threadIdx.x; i < (g_last - g_first + 1) * keys; i += blockDim.x) {
+        const int32_t g = g_first + i / keys, k = i - (i / keys) * keys;
+        const int32_t r0 = max(first, g * a.window) - first;              // block rows of g
+        const int32_t r1 = min(first + count, (g + 1) * a.window) - first;
+        float* out = p.agg + (wh.index * l.per_row + g) * a.stride + base + k;
+        float v = first > g * a.window ? *out : 0.f;  // rows of g in an earlier block
+        for (int32_t q = r0; q < r1; ++q) v += probs[q * prob_pitch + k];
+        *out = v;
       }
     }
   }
+}
+
+//! Mirror index of workspace head hi = (b * layer_count + l') * H + h.
+template <kv_element T>
+__device__ __forceinline__ int64_t mirror_head_of(const window_score_arguments<T>& a, int64_t hi) {
+  const auto per_b = static_cast<int64_t>(a.layer_count) * a.pool.heads;
+  const auto b = static_cast<int32_t>(hi / per_b);
+  const auto rest = static_cast<int32_t>(hi - b * per_b);
+  return a.pool.head_index(a.rows[b], a.first_layer + rest / a.pool.heads, rest % a.pool.heads);
 }
 
 //! Position sort keys: key = position, value = slot; segment i = [i * stride, i * stride + n).
@@ -371,10 +428,7 @@ template <kv_element T>
 __global__ void position_keys_kernel(const __grid_constant__ window_params<T> p) {
   const auto& a = p.args;
   const int32_t hi = blockIdx.y;  // workspace head index
-  const int32_t b = hi / (a.layer_count * a.pool.heads);
-  const int32_t rest = hi - b * a.layer_count * a.pool.heads;
-  const int32_t layer = a.first_layer + rest / a.pool.heads, h = rest % a.pool.heads;
-  const int64_t head = a.pool.head_index(a.rows[b], layer, h);
+  const int64_t head = mirror_head_of(a, hi);
   const int32_t n = a.pool.lengths[head];
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     p.begin[hi] = static_cast<int64_t>(hi) * a.stride;
@@ -386,13 +440,14 @@ __global__ void position_keys_kernel(const __grid_constant__ window_params<T> p)
   }
 }
 
-//! Pools row `in` into `out` along positions (slots in position order: values_out).
+//! Pools rows `in` / divisor into `out` along positions (slots in position order:
+//! values_out); `rows` rows per head.
 template <kv_element T>
-__global__ void pool_kernel(const __grid_constant__ window_params<T> p, const float* in, float* out) {
+__global__ void pool_kernel(const __grid_constant__ window_params<T> p, const float* in, float* out, int32_t rows,
+                            float divisor) {
   const auto& a = p.args;
-  const window_layout& l = p.layout;
-  const int64_t row = blockIdx.y;  // [heads][out_rows]
-  const int64_t hi = row / l.out_rows;
+  const int64_t row = blockIdx.y;  // [heads][rows]
+  const int64_t hi = row / rows;
   const int64_t seg = hi * a.stride;
   const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
   if (n == 0) return;
@@ -414,35 +469,37 @@ __global__ void pool_kernel(const __grid_constant__ window_params<T> p, const fl
   for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const int32_t j = by_position[i];
     if (i >= m) {
-      dst[j] = src[j];
+      dst[j] = src[j] / divisor;
       continue;
     }
     const bool is_max = a.metric.pool == pooling::max;
     float v = is_max ? -INFINITY : 0.f;
     for (int32_t t = max(0, i - half); t <= min(m - 1, i + half); ++t) {
-      const float x = src[by_position[t]];
+      const float x = src[by_position[t]] / divisor;
       v = is_max ? fmaxf(v, x) : v + x;
     }
     dst[j] = is_max ? v : v / static_cast<float>(a.metric.kernel);
   }
 }
 
-//! scores = reduction over the group of the (pooled) per-query-head rows.
+//! out = reduction over the group of the per-query-head rows `in` / divisor (reduce_group).
 template <kv_element T>
-__global__ void group_reduce_kernel(const __grid_constant__ window_params<T> p, const float* in) {
+__global__ void group_reduce_kernel(const __grid_constant__ window_params<T> p, const float* in, float* out,
+                                    float divisor) {
   const auto& a = p.args;
   const window_layout& l = p.layout;
   const int64_t total = l.heads * a.stride;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t hi = i / a.stride, j = i - hi * a.stride;
+    if (j >= a.pool.lengths[mirror_head_of(a, hi)]) continue;  // nothing was scored there
     float v = 0.f;
-    for (int32_t g = 0; g < l.out_rows; ++g) {
-      const float x = in[(hi * l.out_rows + g) * a.stride + j];
+    for (int32_t g = 0; g < l.per_row; ++g) {
+      const float x = in[(hi * l.per_row + g) * a.stride + j] / divisor;
       v = g == 0 ? x : (a.metric.reduce == gqa_reduce::max ? fmaxf(v, x) : v + x);
     }
-    if (a.metric.reduce == gqa_reduce::mean) v /= static_cast<float>(l.out_rows);
-    a.scores[i] = v;
+    if (a.metric.reduce == gqa_reduce::mean) v /= static_cast<float>(l.per_row);
+    out[i] = v;
   }
 }
 
@@ -468,44 +525,49 @@ template <kv_element T>
   p.values_out = w.take<int32_t>(l.items);
   p.begin = w.take<int64_t>(l.pool ? l.heads : 0);
   p.end = w.take<int64_t>(l.pool ? l.heads : 0);
-  // Without pooling and without a late reduction the aggregate IS the score.
-  if (!l.pool && !l.after_pool) p.agg = a.scores;
-
-  const size_t smem = detail::window_smem(l, a.pool.head_dim);
+  const size_t smem = detail::window_smem(a.pool.head_dim);
   if (smem > 48 * 1024) {
     KVTRIM_CUDA_TRY(cudaFuncSetAttribute(detail::window_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     KVTRIM_CUDA_TRY(cudaFuncSetAttribute(detail::window_probs_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const int32_t threads = default_tuning.window.threads;
   const dim3 grid(static_cast<unsigned>(l.splits), static_cast<unsigned>(a.pool.heads),
                   static_cast<unsigned>(a.batch * a.layer_count));
-  detail::window_stats_kernel<T><<<grid, threads, smem, stream>>>(p);
+  detail::window_stats_kernel<T><<<grid, detail::window_threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   const int32_t et = default_tuning.elementwise.threads;
   detail::window_merge_kernel<T><<<detail::grid_for(l.heads * l.pairs, et), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  detail::window_probs_kernel<T><<<grid, threads, smem, stream>>>(p);
+  detail::window_probs_kernel<T><<<grid, detail::window_threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
 
-  const float* reduce_in = p.agg;
-  if (l.pool) {
-    const unsigned x = static_cast<unsigned>(detail::ceil_div(a.stride, et) < 64 ? detail::ceil_div(a.stride, et) : 64);
-    detail::position_keys_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads)), et, 0, stream>>>(p);
+  // agg holds row sums per query head; the mean over rows divides them (as the CPU does)
+  // before pooling and the group reduction, in the metric's order.
+  const float divisor = a.metric.aggregation == query_aggregation::mean ? static_cast<float>(a.window) : 1.f;
+  const unsigned reduce_grid = detail::grid_for(l.heads * a.stride, et);
+  if (!l.pool) {
+    detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.agg, a.scores, divisor);
     KVTRIM_CUDA_TRY(cudaGetLastError());
-    const segmented_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
-                                        static_cast<int32_t>(l.heads), p.begin, p.end};
-    if (const status s = segmented_sort(sort, w.take<char>(static_cast<int64_t>(workspace_size(sort))), stream);
-        s != status::success)
-      return s;
-    float* pool_out = l.after_pool ? p.pooled : a.scores;
-    detail::pool_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads * l.out_rows)), et, 0, stream>>>(p, p.agg, pool_out);
-    KVTRIM_CUDA_TRY(cudaGetLastError());
-    reduce_in = pool_out;
+    return status::success;
   }
-  if (l.after_pool) {
-    detail::group_reduce_kernel<T><<<detail::grid_for(l.heads * a.stride, et), et, 0, stream>>>(p, reduce_in);
+  const unsigned x = static_cast<unsigned>(detail::ceil_div(a.stride, et) < 64 ? detail::ceil_div(a.stride, et) : 64);
+  detail::position_keys_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads)), et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  const segmented_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
+                                      static_cast<int32_t>(l.heads), p.begin, p.end};
+  if (const status s = segmented_sort(sort, w.take<char>(static_cast<int64_t>(workspace_size(sort))), stream);
+      s != status::success)
+    return s;
+  if (l.after_pool) {  // pool each query head's row, then reduce the group
+    detail::pool_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads * l.per_row)), et, 0, stream>>>(
+        p, p.agg, p.pooled, l.per_row, divisor);
     KVTRIM_CUDA_TRY(cudaGetLastError());
+    detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.pooled, a.scores, 1.f);
+  } else {  // reduce the group, then pool
+    detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.agg, p.pooled, divisor);
+    KVTRIM_CUDA_TRY(cudaGetLastError());
+    detail::pool_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads)), et, 0, stream>>>(p, p.pooled, a.scores, 1, 1.f);
   }
+  KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
 }
 
