@@ -175,6 +175,10 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "
     p.metric.order = kv::reduce_order::after_pool;
     check_compression<kv::snapkv_policy, TestType>(p, model, bs, seed, 8);
   }
+  SECTION("SnapKV, window 40 (at G = 8 the 320 query pairs span three blocks of 128)") {
+    check_compression<kv::snapkv_policy, TestType>(
+        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 40}), model, bs, seed, 40);
+  }
   SECTION("Ada-KV") {
     check_compression<kv::ada_snapkv_policy, TestType>(
         kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8);
