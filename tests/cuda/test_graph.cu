@@ -1,0 +1,182 @@
+// The device-side entry points allocate nothing and never synchronise, so an engine can
+// capture them in a CUDA graph: captured and replayed, they give what an eager launch gives.
+#include "parity_support.cuh"
+
+#include <cstring>
+
+namespace {
+
+using namespace kvtrim_test;
+namespace kv = kvtrim;
+
+//! A stream, and a graph captured on it by `record(stream)`.
+struct captured_graph {
+  cudaStream_t stream = nullptr;
+  cudaGraphExec_t exec = nullptr;
+
+  captured_graph() { REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess); }
+  ~captured_graph() {
+    if (exec) cudaGraphExecDestroy(exec);
+    cudaStreamDestroy(stream);
+  }
+  captured_graph(const captured_graph&) = delete;
+  captured_graph& operator=(const captured_graph&) = delete;
+
+  template <class F>
+  void capture(F&& record) {
+    cudaGraph_t graph = nullptr;
+    REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess);
+    const status s = record(stream);
+    REQUIRE(cudaStreamEndCapture(stream, &graph) == cudaSuccess);
+    require_ok(s);
+    REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+    cudaGraphDestroy(graph);
+  }
+  void replay() {
+    REQUIRE(cudaGraphLaunch(exec, stream) == cudaSuccess);
+    REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+  }
+};
+
+template <class U>
+bool same_bytes(const std::vector<U>& a, const std::vector<U>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(U)) == 0;
+}
+
+//! Two identical device caches: one for the eager run, one for the graph. Their pools start
+//! zeroed, so whole buffers compare equal where no token was ever written.
+template <kv::kv_element T>
+struct identical_pair {
+  twin_caches<T> eager, graph;
+  identical_pair(const kv::paged_cache_config& c, const std::vector<int64_t>& seqs, int32_t tokens) : eager(c), graph(c) {
+    for (auto* t : {&eager, &graph}) {
+      for (const device_memory* m : {&t->keys, &t->values, &t->positions, &t->metrics})
+        REQUIRE(cudaMemset(m->template as<void>(), 0, m->bytes()) == cudaSuccess);
+      std::mt19937 rng(7);
+      for (const int64_t s : seqs) {
+        require_ok(t->device.add_sequence(s));
+        require_ok(t->host.add_sequence(s));
+        t->append(s, 0, tokens - static_cast<int32_t>(s), rng);
+      }
+    }
+  }
+  std::vector<int32_t> rows(const std::vector<int64_t>& seqs) const {
+    std::vector<int32_t> r;
+    for (const int64_t s : seqs) r.push_back(eager.device.tables().sequence_slot(s));
+    return r;
+  }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("decode attention captured in a CUDA graph matches the eager launch", "[cuda]", float,
+                   kv::bfloat16) {
+  const int32_t d = GENERATE(8, 128);
+  CAPTURE(d);
+  const kv::attention_shape shape{2, 8, 2, d};
+  const kv::paged_cache_config config{shape, 16, 2 * 2 * 2 * (300 / 16 + 2), 2, 300};
+  const std::vector<int64_t> seqs{1, 2};
+  identical_pair<TestType> pair(config, seqs, 260);
+  const std::vector<int32_t> rows = pair.rows(seqs);
+  device_memory drows(rows.size() * sizeof(int32_t));
+  upload(drows, rows);
+  const size_t width = seqs.size() * static_cast<size_t>(shape.q_heads) * d;
+  std::vector<float> q(width);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (auto& x : q) x = dist(rng);
+  device_memory dq(width * sizeof(float)), out_eager(width * sizeof(float)), out_graph(width * sizeof(float));
+  upload(dq, q);
+
+  const auto arguments = [&](twin_caches<TestType>& c, float* out) {
+    kv::cuda::decode_arguments<TestType> a;
+    a.pool = kv::cuda::make_view(c.device.buffers(), c.config);
+    a.rows = drows.as<int32_t>();
+    a.batch = static_cast<int32_t>(seqs.size());
+    a.layer = 1;
+    a.q_heads = shape.q_heads;
+    a.max_length = config.max_tokens_per_head;
+    a.q = dq.as<float>();
+    a.out = out;
+    a.accumulate = kv::decode_accumulation::sum;  // the metric update is part of the graph
+    a.reduce = kv::gqa_reduce::mean;
+    return a;
+  };
+  const auto eager_args = arguments(pair.eager, out_eager.as<float>());
+  const auto graph_args = arguments(pair.graph, out_graph.as<float>());
+  device_memory ws(kv::cuda::workspace_size(eager_args));
+
+  require_ok(kv::cuda::decode_attention(eager_args, ws.as<void>(), nullptr));
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  captured_graph g;
+  g.capture([&](cudaStream_t s) { return kv::cuda::decode_attention(graph_args, ws.as<void>(), s); });
+  g.replay();
+
+  CHECK(same_bytes(download(out_eager.as<float>(), width), download(out_graph.as<float>(), width)));
+  const size_t slots = static_cast<size_t>(config.num_blocks) * config.block_size;
+  CHECK(same_bytes(download(eager_args.pool.metrics, slots), download(graph_args.pool.metrics, slots)));
+}
+
+TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eager launch", "[cuda]", float,
+                   kv::bfloat16) {
+  const int32_t d = GENERATE(8, 128);
+  CAPTURE(d);
+  const kv::attention_shape model{2, 8, 2, d};
+  const int32_t rows_per_seq = 8;
+  const kv::ada_snapkv_policy policy = kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = rows_per_seq});
+  const kv::paged_cache_config config{model, 16, 2 * 2 * 2 * (220 / 16 + 2), 2, 220};
+  const std::vector<int64_t> seqs{1, 2};
+  identical_pair<TestType> pair(config, seqs, 200);
+  const std::vector<int32_t> rows = pair.rows(seqs);
+  device_memory drows(rows.size() * sizeof(int32_t));
+  upload(drows, rows);
+
+  const size_t queries = seqs.size() * static_cast<size_t>(model.layers) * rows_per_seq * model.q_heads * d;
+  std::vector<float> q(queries);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (auto& x : q) x = dist(rng);
+  std::vector<int32_t> positions;
+  for (const int64_t s : seqs)
+    for (int32_t r = 0; r < rows_per_seq; ++r) positions.push_back(200 - static_cast<int32_t>(s) - rows_per_seq + r);
+  device_memory dq(queries * sizeof(float)), dpos(positions.size() * sizeof(int32_t));
+  upload(dq, q);
+  upload(dpos, positions);
+  const int64_t heads = static_cast<int64_t>(seqs.size()) * model.layers * model.kv_heads;
+  device_memory keep_eager(heads * sizeof(int32_t)), keep_graph(heads * sizeof(int32_t)), error(2 * sizeof(int32_t));
+
+  using args_t = kv::cuda::compress_arguments<kv::ada_snapkv_policy, TestType>;
+  const auto arguments = [&](twin_caches<TestType>& c, int32_t* keep, int32_t* err) {
+    args_t a;
+    a.policy = policy;
+    a.model = model;
+    a.pool = kv::cuda::make_view(c.device.buffers(), c.config);
+    a.rows = drows.as<int32_t>();
+    a.batch = static_cast<int32_t>(seqs.size());
+    a.obs = {dq.as<float>(), dpos.as<int32_t>(), rows_per_seq};
+    a.stride = config.max_tokens_per_head;
+    a.keep = keep;
+    a.error = err;
+    return a;
+  };
+  const args_t eager_args = arguments(pair.eager, keep_eager.as<int32_t>(), error.as<int32_t>());
+  const args_t graph_args = arguments(pair.graph, keep_graph.as<int32_t>(), error.as<int32_t>() + 1);
+  device_memory ws(kv::cuda::workspace_size(eager_args));
+
+  require_ok(kv::cuda::compress_on_device(eager_args, ws.as<void>(), nullptr));
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  captured_graph g;
+  g.capture([&](cudaStream_t s) { return kv::cuda::compress_on_device(graph_args, ws.as<void>(), s); });
+  g.replay();
+
+  const std::vector<int32_t> errors = download(error.as<int32_t>(), 2);
+  CHECK(errors[0] == 0);
+  CHECK(errors[1] == 0);
+  CHECK(download(keep_eager.as<int32_t>(), static_cast<size_t>(heads)) ==
+        download(keep_graph.as<int32_t>(), static_cast<size_t>(heads)));
+  const size_t slots = static_cast<size_t>(config.num_blocks) * config.block_size;
+  const size_t elements = slots * static_cast<size_t>(d);
+  CHECK(same_bytes(download(eager_args.pool.keys, elements), download(graph_args.pool.keys, elements)));
+  CHECK(same_bytes(download(eager_args.pool.values, elements), download(graph_args.pool.values, elements)));
+  CHECK(same_bytes(download(eager_args.pool.positions, slots), download(graph_args.pool.positions, slots)));
+}
