@@ -13,8 +13,9 @@
 //! every pair's running softmax max and denominator in registers (merged over the CTA's
 //! lanes, then over splits), pass 2 the probabilities, summed per (query head, key) over the
 //! rows in ascending order (the CPU's order). No w x n matrix is stored. The dot products run
-//! on fp32 CUDA cores in the CPU's order over d, so the device ranks as the CPU oracle does;
-//! a tensor-core path would round the queries (docs/performance.md).
+//! on fp32 CUDA cores in the CPU's order over d, so scores stay within rounding of the CPU
+//! oracle's (the parity tests compare kept sets); a bf16 tensor-core path would round the
+//! queries (docs/performance.md).
 
 #include <cuda_runtime_api.h>
 
@@ -48,7 +49,8 @@ struct window_score_arguments {
   float* scores = nullptr;             //!< [batch][layer_count][H][stride] device, slot order
 };
 
-//! Shared memory holds a 128-pair block and a 64-key tile at this head dim.
+//! Shared memory holds a 128-pair block and a 64-key tile in fp32: about 100 KiB at head dim
+//! 128 and 205 KiB at 256 (within sm_90's 227 KiB per block).
 inline constexpr int32_t max_window_head_dim = 256;
 
 template <kv_element T>
@@ -118,7 +120,7 @@ template <kv_element T>
 
 //! Shared memory: the pair block transposed [d][pair_pitch], then a region that holds the key
 //! tile transposed [d][key_pitch] and, once the logits are in registers, the probability tile
-//! [window_pairs][prob_pitch]; then key positions, pair positions and pair statistics.
+//! [window_pairs][prob_pitch]; then key positions and pair positions.
 [[nodiscard]] inline size_t window_smem(int32_t d) noexcept {
   const int64_t tile = static_cast<int64_t>(d) * key_pitch;
   const int64_t probs = static_cast<int64_t>(window_pairs) * prob_pitch;
