@@ -16,8 +16,17 @@ namespace kv = kvtrim;
 //! Outputs and metrics: fp32 accumulation on both sides, different summation order.
 constexpr float tolerance = 2e-4f;
 
-//! KVTRIM_QUICK=1 (scripts/gpu-check's sanitizer runs): one seed instead of two.
-bool quick() { return std::getenv("KVTRIM_QUICK") != nullptr; }
+//! KVTRIM_QUICK (scripts/gpu-check's sanitizer runs): 1 = one seed instead of two (memcheck,
+//! initcheck); 2 = also only head dims 8 and 128, block size 16 and G 1 and 8 (racecheck, the
+//! slowest tool), which still launches every kernel and both fast-path dispatches.
+int quick_level() {
+  const char* q = std::getenv("KVTRIM_QUICK");
+  return q ? std::atoi(q) : 0;
+}
+bool quick() { return quick_level() >= 1; }
+bool keep_shape(int32_t d, int32_t bs, int32_t group) {
+  return quick_level() < 2 || (d != 64 && bs == 16 && group != 2);
+}
 
 bool close(float a, float b) { return std::fabs(a - b) <= tolerance * (1.f + std::fabs(b)); }
 
@@ -46,6 +55,7 @@ TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", f
   const int32_t d = GENERATE(8, 64, 128);
   const int32_t bs = GENERATE(1, 16);
   const int32_t group = GENERATE(1, 2, 8);
+  if (!keep_shape(d, bs, group)) return;
   const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({1u, 2u})));
   const auto acc = GENERATE(kv::decode_accumulation::none, kv::decode_accumulation::sum, kv::decode_accumulation::squared_sum);
   CAPTURE(d, bs, group, seed, static_cast<int>(acc));
@@ -158,6 +168,7 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "
   const int32_t d = GENERATE(8, 64, 128);
   const int32_t bs = GENERATE(1, 16);
   const int32_t group = GENERATE(1, 2, 8);
+  if (!keep_shape(d, bs, group)) return;
   const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({11u, 12u})));
   CAPTURE(d, bs, group, seed);
   const kv::attention_shape model{2, 2 * group, 2, d};
