@@ -38,6 +38,17 @@ struct captured_graph {
   }
 };
 
+//! Launches `launch(eager, stream)` on the default stream, then captures `launch(graph, s)` in a
+//! graph and replays it.
+template <class Args, class Launch>
+void eager_then_replay(const Args& eager, const Args& graph, Launch&& launch) {
+  require_ok(launch(eager, cudaStream_t{}));
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  captured_graph g;
+  g.capture([&](cudaStream_t s) { return launch(graph, s); });
+  g.replay();
+}
+
 template <class U>
 bool same_bytes(const std::vector<U>& a, const std::vector<U>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(U)) == 0;
@@ -106,11 +117,9 @@ TEMPLATE_TEST_CASE("decode attention captured in a CUDA graph matches the eager 
   const auto graph_args = arguments(pair.graph, out_graph.as<float>());
   device_memory ws(kv::cuda::workspace_size(eager_args));
 
-  require_ok(kv::cuda::decode_attention(eager_args, ws.as<void>(), nullptr));
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  captured_graph g;
-  g.capture([&](cudaStream_t s) { return kv::cuda::decode_attention(graph_args, ws.as<void>(), s); });
-  g.replay();
+  eager_then_replay(eager_args, graph_args, [&](const auto& a, cudaStream_t s) {
+    return kv::cuda::decode_attention(a, ws.as<void>(), s);
+  });
 
   CHECK(same_bytes(download(out_eager.as<float>(), width), download(out_graph.as<float>(), width)));
   const size_t slots = static_cast<size_t>(config.num_blocks) * config.block_size;
@@ -163,11 +172,9 @@ TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eage
   const args_t graph_args = arguments(pair.graph, keep_graph.as<int32_t>(), error.as<int32_t>() + 1);
   device_memory ws(kv::cuda::workspace_size(eager_args));
 
-  require_ok(kv::cuda::compress_on_device(eager_args, ws.as<void>(), nullptr));
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  captured_graph g;
-  g.capture([&](cudaStream_t s) { return kv::cuda::compress_on_device(graph_args, ws.as<void>(), s); });
-  g.replay();
+  eager_then_replay(eager_args, graph_args, [&](const auto& a, cudaStream_t s) {
+    return kv::cuda::compress_on_device(a, ws.as<void>(), s);
+  });
 
   const std::vector<int32_t> errors = download(error.as<int32_t>(), 2);
   CHECK(errors[0] == 0);

@@ -242,6 +242,14 @@ TEST_CASE("errors: global_block_budget::validate", "[cpu][errors]") {
   CHECK(a.validate(model, {}) == status::invalid_budget);
   a.budget = token_budget::of_tokens(16);
   CHECK(a.validate(model, {.sinks = -2}) == status::invalid_argument);
+  // The budget counts whole blocks: 16 tokens cover a protected set of 16, not of 17; 17
+  // tokens round up to two blocks.
+  CHECK(a.validate(model, {.sinks = 4, .recent = 12}) == status::success);
+  CHECK(a.validate(model, {.sinks = 4, .recent = 13}) == status::budget_below_protected);
+  a.budget = token_budget::of_tokens(17);
+  CHECK(a.validate(model, {.sinks = 4, .recent = 13}) == status::success);
+  a.budget = token_budget::of_ratio(0.1f);  // a ratio keeps a fraction of the unprotected tokens
+  CHECK(a.validate(model, {.recent = 1000}) == status::success);
 }
 
 TEST_CASE("errors: global_block_budget with a huge protected window or block size", "[cpu][errors]") {

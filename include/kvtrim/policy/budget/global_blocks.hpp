@@ -43,6 +43,11 @@ struct global_block_budget {
     if (const status s = protect.validate(); s != status::success) return s;
     if (const status s = budget.validate(); s != status::success) return s;
     if (block_size < 1 || pending_tokens < 0) return status::invalid_argument;
+    // A head never gives up its protected tokens, so a mean budget (in whole blocks) below
+    // them can never be met.
+    if (budget.kind == token_budget::unit::tokens &&
+        (static_cast<int64_t>(budget.tokens) + block_size - 1) / block_size * block_size < protect.size())
+      return status::budget_below_protected;
     return status::success;
   }
 
