@@ -248,8 +248,8 @@ struct streaming_limits {
            ", so the budget must be at least " + std::to_string(least) + " (kvtrim: " +
            std::string(kvtrim::to_string(kvtrim::status::budget_below_protected)) + ")";
   }
-  // kvtrim's own check of the configured policy (uniform and pyramid budgets report
-  // budget_below_protected themselves).
+  // kvtrim's own check of the configured policy (its token-budget allocators report
+  // budget_below_protected too; the message above says why in the example's terms first).
   const kvtrim::status s =
       with_policy(m, budget, p, [&](const auto& policy) { return policy.validate(shape); }, seq_len);
   if (s != kvtrim::status::success) return who + ": kvtrim: " + std::string(kvtrim::to_string(s));

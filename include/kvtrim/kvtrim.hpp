@@ -16,6 +16,7 @@
 #include "kvtrim/cache/slot_mover.hpp"
 #include "kvtrim/concepts.hpp"
 #include "kvtrim/config.hpp"
+#include "kvtrim/core/blocks.hpp"
 #include "kvtrim/core/head_view.hpp"
 #include "kvtrim/core/numeric.hpp"
 #include "kvtrim/core/shape.hpp"

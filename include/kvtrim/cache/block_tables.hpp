@@ -21,8 +21,8 @@
 #include "kvtrim/cache/block_pool.hpp"
 #include "kvtrim/cache/paged_layout.hpp"
 #include "kvtrim/config.hpp"
+#include "kvtrim/core/blocks.hpp"
 #include "kvtrim/plan/eviction_plan.hpp"
-#include "kvtrim/policy/budget/global_blocks.hpp"
 #include "kvtrim/status.hpp"
 
 KVTRIM_NAMESPACE_BEGIN
