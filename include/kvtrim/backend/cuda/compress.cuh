@@ -292,10 +292,12 @@ template <compression_policy P, kv_element T>
 
 // ---- on a device_paged_cache
 
-//! Workspace of `compress` for `batch` sequences of `cache` and `obs_rows` window queries.
+namespace detail {
+
+//! The arguments `compress` derives from a cache, without device pointers (for sizes and checks).
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
-[[nodiscard]] size_t compress_workspace_size(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
-                                             const attention_shape& model, int32_t batch, int32_t obs_rows) {
+[[nodiscard]] compress_arguments<P, T> probe_arguments(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
+                                                      const attention_shape& model, int32_t batch, int32_t obs_rows) {
   compress_arguments<P, T> a;
   a.policy = policy;
   a.model = model;
@@ -303,12 +305,24 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   a.batch = batch;
   a.obs.rows = obs_rows;
   a.stride = cache.config().max_tokens_per_head;
+  return a;
+}
+
+}  // namespace detail
+
+//! Workspace of `compress` for `batch` sequences of `cache` and `obs_rows` window queries; 0
+//! for a policy the device does not implement.
+template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
+[[nodiscard]] size_t compress_workspace_size(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
+                                             const attention_shape& model, int32_t batch, int32_t obs_rows) {
+  const size_t steps = workspace_size(detail::probe_arguments(policy, cache, model, batch, obs_rows));
+  if (steps == 0) return 0;
   const int64_t heads = static_cast<int64_t>(batch) * model.layers * cache.shape().kv_heads;
   detail::workspace_carver w(nullptr);
   w.take<int32_t>(batch);      // rows
   w.take<int32_t>(heads);      // keep
   w.take<int32_t>(1);          // error
-  w.take<char>(static_cast<int64_t>(workspace_size(a)));
+  w.take<char>(static_cast<int64_t>(steps));
   return w.used();
 }
 
@@ -322,9 +336,13 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
                               size_t workspace_bytes, cudaStream_t stream) {
   const auto batch = static_cast<int32_t>(seqs.size());
   if (batch == 0) return status::success;
-  const size_t need = compress_workspace_size(policy, cache, model, batch, obs.rows);
-  if (need == 0) return status::not_supported;
-  if (!workspace || workspace_bytes < need) return status::invalid_argument;
+  // Host checks first: the policy, every head, then the workspace.
+  {
+    detail::compress_parts<P, T> parts;
+    if (const status s = detail::parts_of(detail::probe_arguments(policy, cache, model, batch, obs.rows), parts);
+        s != status::success)
+      return s;
+  }
   const attention_shape stored = cache.shape();
   std::vector<int32_t> rows(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -337,6 +355,8 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
         if (obs.rows > n && std::same_as<typename P::metric_type, window_attention>) return status::window_too_large;
       }
   }
+  if (!workspace || workspace_bytes < compress_workspace_size(policy, cache, model, batch, obs.rows))
+    return status::invalid_argument;
   detail::workspace_carver w(workspace);
   const int64_t heads = static_cast<int64_t>(batch) * stored.layers * stored.kv_heads;
   compress_arguments<P, T> a;
@@ -403,6 +423,7 @@ template <kv_element T, int32_t HeadDim, slot_mover<T> M>
                                       size_t workspace_bytes, cudaStream_t stream) {
   const auto batch = static_cast<int32_t>(seqs.size());
   if (batch == 0) return status::success;
+  if (layer < 0 || layer >= cache.shape().layers) return status::invalid_argument;
   if (!workspace || workspace_bytes < decode_workspace_size(cache, batch, q_heads, acc)) return status::invalid_argument;
   std::vector<int32_t> rows(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) {

@@ -1,0 +1,363 @@
+// Bad inputs of the CUDA backend's entry points: each is refused with its status before any
+// launch or copy, so these tests need no GPU and run wherever the backend compiles (CI
+// included). Device pointers are stand-ins that are never dereferenced; the device cache of
+// the last tests keeps its "device" buffers in host memory with the host mover.
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kvtrim/cuda.cuh"
+
+namespace {
+
+namespace kv = kvtrim;
+namespace cu = kvtrim::cuda;
+using kv::status;
+
+std::string name(status s) { return std::string(kv::to_string(s)); }
+
+//! A non-null address of type U* that nothing reads.
+template <class U>
+U* stand_in() {
+  alignas(256) static unsigned char storage[256];
+  return reinterpret_cast<U*>(storage);
+}
+
+//! A valid view: 2 layers, 2 KV heads, head dim 16, block size 16.
+cu::paged_view<float> view() {
+  cu::paged_view<float> v;
+  v.keys = v.values = stand_in<float>();
+  v.positions = stand_in<int32_t>();
+  v.metrics = stand_in<float>();
+  v.block_tables = v.lengths = stand_in<const int32_t>();
+  v.layers = 2;
+  v.heads = 2;
+  v.head_dim = 16;
+  v.block_size = 16;
+  v.max_blocks_per_head = 4;
+  return v;
+}
+
+cu::decode_arguments<float> decode() {
+  cu::decode_arguments<float> a;
+  a.pool = view();
+  a.rows = stand_in<const int32_t>();
+  a.batch = 1;
+  a.q_heads = 8;
+  a.max_length = 64;
+  a.q = stand_in<const float>();
+  a.out = stand_in<float>();
+  return a;
+}
+
+cu::window_score_arguments<float> window() {
+  cu::window_score_arguments<float> a;
+  a.pool = view();
+  a.rows = stand_in<const int32_t>();
+  a.batch = 1;
+  a.layer_count = 2;
+  a.q_heads = 8;
+  a.window = 4;
+  a.queries = stand_in<const float>();
+  a.query_positions = stand_in<const int32_t>();
+  a.stride = 64;
+  a.scores = stand_in<float>();
+  return a;
+}
+
+cu::plan_arguments<float> plan() {
+  cu::plan_arguments<float> a;
+  a.pool = view();
+  a.rows = stand_in<const int32_t>();
+  a.batch = 1;
+  a.layer_count = 2;
+  a.scores = stand_in<const float>();
+  a.budget.budget = kv::token_budget::of_tokens(8);
+  a.stride = 64;
+  a.keep = stand_in<int32_t>();
+  a.kept = stand_in<uint8_t>();
+  a.head_index = stand_in<int64_t>();
+  a.new_metrics = stand_in<float>();
+  a.error = stand_in<int32_t>();
+  return a;
+}
+
+const kv::attention_shape model{2, 8, 2, 16};
+
+cu::compress_arguments<kv::snapkv_policy, float> compression(const kv::snapkv_policy& policy) {
+  cu::compress_arguments<kv::snapkv_policy, float> a;
+  a.policy = policy;
+  a.model = model;
+  a.pool = view();
+  a.rows = stand_in<const int32_t>();
+  a.batch = 1;
+  a.obs = {stand_in<const float>(), stand_in<const int32_t>(), 4};
+  a.stride = 64;
+  a.keep = stand_in<int32_t>();
+  a.error = stand_in<int32_t>();
+  return a;
+}
+
+const kv::snapkv_policy small_snapkv = kv::snapkv({.budget = kv::token_budget::of_tokens(16), .window = 4});
+
+}  // namespace
+
+TEST_CASE("cuda bad input: decode_arguments are refused before any launch", "[cuda]") {
+  REQUIRE(name(cu::can_implement(decode())) == name(status::success));
+  const auto refused = [](const cu::decode_arguments<float>& a, status expected) {
+    CHECK(name(cu::can_implement(a)) == name(expected));
+    CHECK(name(cu::decode_attention(a, stand_in<void>(), nullptr)) == name(expected));
+  };
+  auto a = decode();
+  SECTION("a null pool pointer") { a.pool.keys = nullptr; refused(a, status::invalid_argument); }
+  SECTION("a negative batch") { a.batch = -1; refused(a, status::invalid_argument); }
+  SECTION("a layer past the pool") { a.layer = 2; refused(a, status::invalid_argument); }
+  SECTION("query heads not a multiple of the KV heads") { a.q_heads = 3; refused(a, status::invalid_group); }
+  SECTION("a group above eight") { a.q_heads = 18; refused(a, status::not_supported); }
+  SECTION("a head dim above 256") { a.pool.head_dim = 257; refused(a, status::not_supported); }
+  SECTION("max_length below one") { a.max_length = 0; refused(a, status::invalid_argument); }
+  SECTION("null rows, queries or outputs") {
+    a.rows = nullptr;
+    refused(a, status::invalid_argument);
+    a = decode();
+    a.out = nullptr;
+    refused(a, status::invalid_argument);
+  }
+  SECTION("accumulation with one metric per query head") {
+    a.accumulate = kv::decode_accumulation::sum;
+    a.reduce = kv::gqa_reduce::per_query_head;
+    refused(a, status::not_supported);
+  }
+  SECTION("no workspace") { CHECK(name(cu::decode_attention(a, nullptr, nullptr)) == name(status::invalid_argument)); }
+  SECTION("an empty batch is a no-op") {
+    a.batch = 0;
+    CHECK(name(cu::decode_attention(a, nullptr, nullptr)) == name(status::success));
+  }
+}
+
+TEST_CASE("cuda bad input: window_score_arguments are refused before any launch", "[cuda]") {
+  REQUIRE(name(cu::can_implement(window())) == name(status::success));
+  const auto refused = [](const cu::window_score_arguments<float>& a, status expected) {
+    CHECK(name(cu::can_implement(a)) == name(expected));
+    CHECK(name(cu::window_scores(a, stand_in<void>(), nullptr)) == name(expected));
+  };
+  auto a = window();
+  SECTION("no window rows") { a.window = 0; refused(a, status::window_too_large); }
+  SECTION("a head dim above 256") { a.pool.head_dim = 257; refused(a, status::not_supported); }
+  SECTION("query heads not a multiple of the KV heads") { a.q_heads = 7; refused(a, status::invalid_group); }
+  SECTION("layers past the pool") { a.first_layer = 1; refused(a, status::invalid_argument); }
+  SECTION("a zero stride") { a.stride = 0; refused(a, status::invalid_argument); }
+  SECTION("null scores") { a.scores = nullptr; refused(a, status::invalid_argument); }
+  SECTION("an even pooling kernel") {
+    a.metric.pool = kv::pooling::max;
+    a.metric.kernel = 4;
+    refused(a, status::invalid_pool_kernel);
+  }
+  SECTION("no workspace") { CHECK(name(cu::window_scores(a, nullptr, nullptr)) == name(status::invalid_argument)); }
+}
+
+TEST_CASE("cuda bad input: plan_arguments are refused before any launch", "[cuda]") {
+  REQUIRE(name(cu::can_implement(plan())) == name(status::success));
+  const auto refused = [](const cu::plan_arguments<float>& a, status expected) {
+    CHECK(name(cu::can_implement(a)) == name(expected));
+    CHECK(name(cu::plan(a, stand_in<void>(), nullptr)) == name(expected));
+  };
+  auto a = plan();
+  SECTION("an evictor block size below one") { a.evictor.block_size = 0; refused(a, status::invalid_argument); }
+  SECTION("more heads than a grid dimension") { a.batch = 20000; refused(a, status::not_supported); }
+  SECTION("a KV-Compress budget over a subset of the layers") {
+    a.budget.type = cu::device_budget::kind::global_blocks;
+    a.first_layer = 1;
+    a.layer_count = 1;
+    refused(a, status::invalid_argument);
+  }
+  SECTION("a KV-Compress block size below one") {
+    a.budget.type = cu::device_budget::kind::global_blocks;
+    a.budget.block_size = 0;
+    refused(a, status::invalid_argument);
+  }
+  SECTION("Ada-KV over more than 255 heads") {
+    a.budget.type = cu::device_budget::kind::adaptive;
+    a.pool.heads = 256;
+    refused(a, status::not_supported);
+  }
+  SECTION("window scores without a score buffer") { a.scores = nullptr; refused(a, status::invalid_argument); }
+  SECTION("accumulated metrics without a buffer for the new ones") {
+    a.source = cu::score_source::accumulated;
+    a.new_metrics = nullptr;
+    refused(a, status::invalid_argument);
+  }
+  SECTION("no workspace") { CHECK(name(cu::plan(a, nullptr, nullptr)) == name(status::invalid_argument)); }
+}
+
+TEST_CASE("cuda bad input: compaction, moves, append and the sort are refused before any launch", "[cuda]") {
+  cu::compaction_arguments<float> c{view(), stand_in<const int64_t>(), stand_in<const uint8_t>(),
+                                    stand_in<const int32_t>(), 4, 64, nullptr};
+  REQUIRE(name(cu::can_implement(c)) == name(status::success));
+  CHECK(name(cu::compact(c, nullptr, nullptr)) == name(status::invalid_argument));  // no workspace
+  c.heads = 70000;
+  CHECK(name(cu::compact(c, stand_in<void>(), nullptr)) == name(status::invalid_argument));
+  c.heads = 4;
+  c.kept = nullptr;
+  CHECK(name(cu::compact(c, stand_in<void>(), nullptr)) == name(status::invalid_argument));
+
+  cu::move_arguments<float> m{view(), stand_in<const kv::physical_move>(), nullptr, 8, 1};
+  REQUIRE(name(cu::can_implement(m)) == name(status::success));
+  m.segments = 70000;
+  CHECK(name(cu::move_slots(m, nullptr, nullptr)) == name(status::invalid_argument));
+  m.segments = 1;
+  m.moves = nullptr;
+  CHECK(name(cu::move_slots(m, nullptr, nullptr)) == name(status::invalid_argument));
+  m.stride = 0;  // nothing to move: a no-op
+  CHECK(name(cu::move_slots(m, nullptr, nullptr)) == name(status::success));
+
+  cu::append_arguments<float> p;
+  p.pool = view();
+  p.keys = p.values = stand_in<const float>();
+  p.slots = stand_in<const int64_t>();
+  p.positions = stand_in<const int32_t>();
+  p.rows = 8;
+  p.heads = 2;
+  p.tokens = 4;
+  REQUIRE(name(cu::can_implement(p)) == name(status::success));
+  p.heads = 0;
+  CHECK(name(cu::append(p, nullptr, nullptr)) == name(status::invalid_argument));
+  p.heads = 2;
+  p.slots = nullptr;
+  CHECK(name(cu::append(p, nullptr, nullptr)) == name(status::invalid_argument));
+  p.rows = 0;  // nothing to write: a no-op
+  CHECK(name(cu::append(p, nullptr, nullptr)) == name(status::success));
+
+  cu::segmented_sort_arguments s{};
+  s.items = int64_t{std::numeric_limits<int32_t>::max()} + 1;
+  s.segments = 1;
+  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::not_supported));
+  s.items = 0;  // nothing to sort: a no-op
+  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::success));
+}
+
+TEST_CASE("cuda bad input: compress_arguments are refused before any launch", "[cuda]") {
+  REQUIRE(name(cu::can_implement(compression(small_snapkv))) == name(status::success));
+  auto a = compression(small_snapkv);
+  const auto refused = [](const auto& args, status expected) {
+    CHECK(name(cu::can_implement(args)) == name(expected));
+    CHECK(name(cu::compress_on_device(args, stand_in<void>(), nullptr)) == name(expected));
+    CHECK(cu::workspace_size(args) == 0);  // nothing to size for arguments that cannot run
+  };
+  SECTION("re-rotated positions") {
+    a.policy.positions = kv::position_mode::rerotate;
+    refused(a, status::not_supported);
+  }
+  SECTION("a budget below the protected window") {
+    a.policy = kv::snapkv({.budget = kv::token_budget::of_tokens(2), .window = 4});
+    refused(a, status::budget_below_protected);
+  }
+  SECTION("a pool whose heads are not the policy's stored heads") {
+    a.pool.heads = 4;
+    refused(a, status::shape_mismatch);
+  }
+  SECTION("window scores without window queries") {
+    a.obs.rows = 0;
+    refused(a, status::window_too_large);
+  }
+  SECTION("no buffer for the new lengths or the device error") {
+    a.keep = nullptr;
+    CHECK(name(cu::can_implement(a)) == name(status::invalid_argument));
+    a = compression(small_snapkv);
+    a.error = nullptr;
+    CHECK(name(cu::compress_on_device(a, stand_in<void>(), nullptr)) == name(status::invalid_argument));
+  }
+  SECTION("Ada-KV with normalised scores") {
+    auto policy = kv::ada_kv({.budget = kv::token_budget::of_tokens(16), .window = 4});
+    policy.allocator.normalize = true;
+    cu::compress_arguments<kv::ada_snapkv_policy, float> b;
+    b.policy = policy;
+    b.model = model;
+    b.pool = view();
+    b.rows = stand_in<const int32_t>();
+    b.batch = 1;
+    b.obs = {stand_in<const float>(), stand_in<const int32_t>(), 4};
+    b.stride = 64;
+    b.keep = stand_in<int32_t>();
+    b.error = stand_in<int32_t>();
+    refused(b, status::not_supported);
+  }
+  SECTION("no workspace") {
+    CHECK(name(cu::compress_on_device(a, nullptr, nullptr)) == name(status::invalid_argument));
+  }
+}
+
+namespace {
+
+//! A device_paged_cache whose "device" buffers are host vectors (host mover): sequence 1
+//! holds 40 tokens in every head, sequence 2 none.
+struct host_backed_cache {
+  kv::paged_cache_config config{model_stored(), 16, 64, 2, 128};
+  kv::paged_buffer_sizes sizes = kv::buffer_sizes<float>(config);
+  std::vector<float> keys, values, metrics;
+  std::vector<int32_t> positions, tables, lengths;
+  kv::device_paged_cache<float> cache;
+
+  static kv::attention_shape model_stored() { return {model.layers, model.q_heads, model.kv_heads, model.head_dim}; }
+
+  host_backed_cache()
+      : keys(sizes.keys), values(sizes.values), metrics(sizes.metrics), positions(sizes.positions),
+        tables(sizes.block_tables), lengths(sizes.lengths) {
+    const kv::device_buffers<float> b{{keys.data(), values.data(), positions.data(), metrics.data(), tables.data(),
+                                       lengths.data()},
+                                      sizes};
+    REQUIRE(kv::device_paged_cache<float>::create(config, kv::device_storage<float>{b, kv::host_mover{}}, cache) ==
+            status::success);
+    REQUIRE(cache.add_sequence(1) == status::success);
+    REQUIRE(cache.add_sequence(2) == status::success);
+    const int32_t tokens = 40;
+    std::vector<int32_t> pos(tokens);
+    for (int32_t t = 0; t < tokens; ++t) pos[static_cast<size_t>(t)] = t;
+    const std::vector<float> kvs(static_cast<size_t>(model.layers) * tokens * model.kv_heads * model.head_dim, 0.5f);
+    REQUIRE(cache.append(1, pos, kvs, kvs) == status::success);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cuda bad input: compress and decode on a device cache refuse before touching it", "[cuda]") {
+  host_backed_cache c;
+  const kv::pool_usage before = c.cache.pool();
+  const std::vector<int64_t> one{1}, unknown{9}, empty{2};
+  const cu::device_observation obs{stand_in<const float>(), stand_in<const int32_t>(), 4};
+  void* ws = stand_in<void>();
+  const size_t big = std::numeric_limits<size_t>::max();
+
+  CHECK(name(cu::compress(small_snapkv, c.cache, std::span<const int64_t>{}, model, obs, nullptr, 0, nullptr)) ==
+        name(status::success));  // an empty batch is a no-op
+  CHECK(name(cu::compress(small_snapkv, c.cache, unknown, model, obs, ws, big, nullptr)) ==
+        name(status::unknown_sequence));
+  CHECK(name(cu::compress(small_snapkv, c.cache, empty, model, obs, ws, big, nullptr)) == name(status::empty_sequence));
+  CHECK(name(cu::compress(small_snapkv, c.cache, one, model, {obs.queries, obs.positions, 41}, ws, big, nullptr)) ==
+        name(status::window_too_large));  // 41 window rows, 40 tokens
+  CHECK(name(cu::compress(small_snapkv, c.cache, one, model, obs, nullptr, 0, nullptr)) ==
+        name(status::invalid_argument));  // no workspace
+  CHECK(name(cu::compress(small_snapkv, c.cache, one, model, obs, ws, 16, nullptr)) ==
+        name(status::invalid_argument));  // too small a workspace
+  kv::snapkv_policy rerotating = small_snapkv;
+  rerotating.positions = kv::position_mode::rerotate;
+  CHECK(name(cu::compress(rerotating, c.cache, one, model, obs, ws, big, nullptr)) == name(status::not_supported));
+  CHECK(cu::compress_workspace_size(rerotating, c.cache, model, 1, 4) == 0);
+
+  const auto decode = [&](std::span<const int64_t> seqs, int32_t layer, size_t bytes) {
+    return name(cu::decode_attention(c.cache, seqs, layer, model.q_heads, stand_in<const float>(), stand_in<float>(),
+                                     kv::decode_accumulation::sum, kv::gqa_reduce::mean, ws, bytes, nullptr));
+  };
+  CHECK(decode(unknown, 0, big) == name(status::unknown_sequence));
+  CHECK(decode(empty, 0, big) == name(status::empty_sequence));
+  CHECK(decode(one, 2, big) == name(status::invalid_argument));  // a layer past the model
+  CHECK(decode(one, 0, 16) == name(status::invalid_argument));   // too small a workspace
+
+  // Nothing changed.
+  for (int32_t l = 0; l < model.layers; ++l)
+    for (int32_t h = 0; h < model.kv_heads; ++h) CHECK(c.cache.head_length(1, l, h) == 40);
+  CHECK(c.cache.pool() == before);
+}
