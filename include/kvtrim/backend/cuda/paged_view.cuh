@@ -94,6 +94,19 @@ template <kv_element T>
   }
 }
 
+//! Mirror index of head `hi` of a batch's workspace arrays, laid out [batch][layer_count][H]:
+//! entry b is the sequence in mirror row rows[b]; `layer` receives the head's layer.
+template <kv_element T>
+[[nodiscard]] __device__ __forceinline__ int64_t batch_head(const paged_view<T>& pool, const int32_t* rows,
+                                                            int32_t first_layer, int32_t layer_count, int64_t hi,
+                                                            int32_t& layer) {
+  const int64_t per_b = static_cast<int64_t>(layer_count) * pool.heads;
+  const auto b = static_cast<int32_t>(hi / per_b);
+  const auto rest = static_cast<int32_t>(hi - b * per_b);
+  layer = first_layer + rest / pool.heads;
+  return pool.head_index(rows[b], layer, rest % pool.heads);
+}
+
 //! Flat index of (batch entry b, head h) in per-batch workspace arrays.
 [[nodiscard]] __host__ __device__ __forceinline__ int64_t head_slot(int32_t b, int32_t h, int32_t heads) noexcept {
   return static_cast<int64_t>(b) * heads + h;

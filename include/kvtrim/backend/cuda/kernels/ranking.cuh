@@ -175,14 +175,10 @@ __device__ __forceinline__ void report(int32_t* error, status s) {
   atomicCAS(error, 0, static_cast<int32_t>(s));
 }
 
-//! Decodes workspace head index hi = (b * layer_count + l') * H + h.
+//! Mirror index (and layer) of workspace head hi.
 template <kv_element T>
 __device__ __forceinline__ int64_t mirror_head(const plan_arguments<T>& a, int64_t hi, int32_t& layer) {
-  const int64_t per_b = static_cast<int64_t>(a.layer_count) * a.pool.heads;
-  const int32_t b = static_cast<int32_t>(hi / per_b);
-  const int32_t rest = static_cast<int32_t>(hi - b * per_b);
-  layer = a.first_layer + rest / a.pool.heads;
-  return a.pool.head_index(a.rows[b], layer, rest % a.pool.heads);
+  return batch_head(a.pool, a.rows, a.first_layer, a.layer_count, hi, layer);
 }
 
 //! One CTA per head: next position, protected count, new metrics, rank keys.

@@ -416,13 +416,11 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
   }
 }
 
-//! Mirror index of workspace head hi = (b * layer_count + l') * H + h.
+//! Mirror index of workspace head hi.
 template <kv_element T>
 __device__ __forceinline__ int64_t mirror_head_of(const window_score_arguments<T>& a, int64_t hi) {
-  const auto per_b = static_cast<int64_t>(a.layer_count) * a.pool.heads;
-  const auto b = static_cast<int32_t>(hi / per_b);
-  const auto rest = static_cast<int32_t>(hi - b * per_b);
-  return a.pool.head_index(a.rows[b], a.first_layer + rest / a.pool.heads, rest % a.pool.heads);
+  int32_t layer = 0;
+  return batch_head(a.pool, a.rows, a.first_layer, a.layer_count, hi, layer);
 }
 
 //! Position sort keys: key = position, value = slot; segment i = [i * stride, i * stride + n).
