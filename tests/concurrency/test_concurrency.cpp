@@ -17,6 +17,7 @@
 #include <mutex>
 #include <random>
 #include <shared_mutex>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -43,6 +44,16 @@ void on_threads(F&& f) {
       f(t);
     });
   for (std::thread& th : pool) th.join();
+}
+
+//! Ten decode steps of every layer of batch row `row` of a dense store, with query `q` and the
+//! metric accumulating as `acc` / `reduce` say.
+template <class Store>
+void decode_row(Store& store, int32_t row, std::span<const float> q, decode_accumulation acc, gqa_reduce reduce) {
+  std::vector<float> out(q.size()), scratch;
+  for (int32_t i = 0; i < 10; ++i)
+    for (int32_t l = 0; l < model.layers; ++l)
+      throw_if_error(cpu::decode_attention(store, row, l, model.q_heads, q, out, acc, reduce, scratch));
 }
 
 //! K/V rows [L][t][H][d] and queries of one sequence, from its own seed.
@@ -239,11 +250,7 @@ TEST_CASE("concurrency: decode attention on distinct rows of one dense view runs
   std::mt19937 rng(9);
   const auto q = gaussian(rng, static_cast<size_t>(model.q_heads) * model.head_dim);
   const auto work = [&](dense_view<float16>& view, int32_t row) {
-    std::vector<float> out(q.size()), scratch;
-    for (int32_t i = 0; i < 10; ++i)
-      for (int32_t l = 0; l < model.layers; ++l)
-        throw_if_error(cpu::decode_attention(view, row, l, model.q_heads, q, out, decode_accumulation::sum,
-                                             gqa_reduce::mean, scratch));
+    decode_row(view, row, q, decode_accumulation::sum, gqa_reduce::mean);
   };
   for (int32_t t = 0; t < threads; ++t) work(serial_view, t);
   on_threads([&](int32_t t) { work(parallel_view, t); });
@@ -263,11 +270,7 @@ TEST_CASE("concurrency: decode attention on distinct rows of one dense cache run
   std::mt19937 rng(11);
   const auto q = gaussian(rng, static_cast<size_t>(model.q_heads) * model.head_dim);
   const auto work = [&](dense_cache& cache, int32_t row) {
-    std::vector<float> out(q.size()), scratch;
-    for (int32_t i = 0; i < 10; ++i)
-      for (int32_t l = 0; l < model.layers; ++l)
-        throw_if_error(cpu::decode_attention(cache, row, l, model.q_heads, q, out, decode_accumulation::squared_sum,
-                                             gqa_reduce::max, scratch));
+    decode_row(cache, row, q, decode_accumulation::squared_sum, gqa_reduce::max);
   };
   for (int32_t t = 0; t < threads; ++t) work(serial_cache, t);
   on_threads([&](int32_t t) { work(parallel_cache, t); });

@@ -55,11 +55,14 @@ bool same_bytes(const std::vector<U>& a, const std::vector<U>& b) {
 }
 
 //! Two identical device caches: one for the eager run, one for the graph. Their pools start
-//! zeroed, so whole buffers compare equal where no token was ever written.
+//! zeroed, so whole buffers compare equal where no token was ever written. `rows` holds the
+//! mirror row of each sequence on the device (the same in both caches).
 template <kv::kv_element T>
 struct identical_pair {
   twin_caches<T> eager, graph;
-  identical_pair(const kv::paged_cache_config& c, const std::vector<int64_t>& seqs, int32_t tokens) : eager(c), graph(c) {
+  device_memory rows;
+  identical_pair(const kv::paged_cache_config& c, const std::vector<int64_t>& seqs, int32_t tokens)
+      : eager(c), graph(c), rows(seqs.size() * sizeof(int32_t)) {
     for (auto* t : {&eager, &graph}) {
       for (const device_memory* m : {&t->keys, &t->values, &t->positions, &t->metrics})
         REQUIRE(cudaMemset(m->template as<void>(), 0, m->bytes()) == cudaSuccess);
@@ -70,13 +73,20 @@ struct identical_pair {
         t->append(s, 0, tokens - static_cast<int32_t>(s), rng);
       }
     }
-  }
-  std::vector<int32_t> rows(const std::vector<int64_t>& seqs) const {
-    std::vector<int32_t> r;
-    for (const int64_t s : seqs) r.push_back(eager.device.tables().sequence_slot(s));
-    return r;
+    std::vector<int32_t> slots;
+    for (const int64_t s : seqs) slots.push_back(eager.device.tables().sequence_slot(s));
+    upload(rows, slots);
   }
 };
+
+//! `n` standard normal values from `seed`.
+std::vector<float> gaussian(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
 
 }  // namespace
 
@@ -88,21 +98,15 @@ TEMPLATE_TEST_CASE("decode attention captured in a CUDA graph matches the eager 
   const kv::paged_cache_config config{shape, 16, 2 * 2 * 2 * (300 / 16 + 2), 2, 300};
   const std::vector<int64_t> seqs{1, 2};
   identical_pair<TestType> pair(config, seqs, 260);
-  const std::vector<int32_t> rows = pair.rows(seqs);
-  device_memory drows(rows.size() * sizeof(int32_t));
-  upload(drows, rows);
   const size_t width = seqs.size() * static_cast<size_t>(shape.q_heads) * d;
-  std::vector<float> q(width);
-  std::mt19937 rng(3);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (auto& x : q) x = dist(rng);
+  const std::vector<float> q = gaussian(width, 3);
   device_memory dq(width * sizeof(float)), out_eager(width * sizeof(float)), out_graph(width * sizeof(float));
   upload(dq, q);
 
   const auto arguments = [&](twin_caches<TestType>& c, float* out) {
     kv::cuda::decode_arguments<TestType> a;
     a.pool = kv::cuda::make_view(c.device.buffers(), c.config);
-    a.rows = drows.as<int32_t>();
+    a.rows = pair.rows.template as<int32_t>();
     a.batch = static_cast<int32_t>(seqs.size());
     a.layer = 1;
     a.q_heads = shape.q_heads;
@@ -136,15 +140,9 @@ TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eage
   const kv::paged_cache_config config{model, 16, 2 * 2 * 2 * (220 / 16 + 2), 2, 220};
   const std::vector<int64_t> seqs{1, 2};
   identical_pair<TestType> pair(config, seqs, 200);
-  const std::vector<int32_t> rows = pair.rows(seqs);
-  device_memory drows(rows.size() * sizeof(int32_t));
-  upload(drows, rows);
 
   const size_t queries = seqs.size() * static_cast<size_t>(model.layers) * rows_per_seq * model.q_heads * d;
-  std::vector<float> q(queries);
-  std::mt19937 rng(5);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (auto& x : q) x = dist(rng);
+  const std::vector<float> q = gaussian(queries, 5);
   std::vector<int32_t> positions;
   for (const int64_t s : seqs)
     for (int32_t r = 0; r < rows_per_seq; ++r) positions.push_back(200 - static_cast<int32_t>(s) - rows_per_seq + r);
@@ -160,7 +158,7 @@ TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eage
     a.policy = policy;
     a.model = model;
     a.pool = kv::cuda::make_view(c.device.buffers(), c.config);
-    a.rows = drows.as<int32_t>();
+    a.rows = pair.rows.template as<int32_t>();
     a.batch = static_cast<int32_t>(seqs.size());
     a.obs = {dq.as<float>(), dpos.as<int32_t>(), rows_per_seq};
     a.stride = config.max_tokens_per_head;

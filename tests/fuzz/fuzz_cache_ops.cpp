@@ -664,11 +664,23 @@ class cache_run {
 
   // ---- rewrite and read
 
-  std::string rewrite() {
+  //! A sequence and a (layer, head), either possibly out of range, and the model's length of
+  //! that head (0 when the sequence or the head does not exist).
+  struct picked_head {
+    int64_t seq;
+    int32_t l, h;
+    bool valid_head;
+    size_t n;
+  };
+  picked_head pick_head() {
     const int64_t seq = pick_sequence();
     const int32_t l = in_.int32_edge(0, shape_.layers - 1), h = in_.int32_edge(0, shape_.kv_heads - 1);
     const bool valid_head = l >= 0 && l < shape_.layers && h >= 0 && h < shape_.kv_heads;
-    const size_t n = model_.contains(seq) && valid_head ? model_.head(seq, l, h).size() : 0;
+    return {seq, l, h, valid_head, model_.contains(seq) && valid_head ? model_.head(seq, l, h).size() : 0};
+  }
+
+  std::string rewrite() {
+    const auto [seq, l, h, valid_head, n] = pick_head();
     const size_t np = n + (in_.chance(8) ? 1 : 0);
     std::vector<int32_t> positions(np);
     for (size_t i = 0; i < np; ++i) positions[i] = in_.chance(4) ? in_.int32_edge(-3, -1) : in_.range(0, 200);
@@ -688,10 +700,7 @@ class cache_run {
   }
 
   std::string read() {
-    const int64_t seq = pick_sequence();
-    const int32_t l = in_.int32_edge(0, shape_.layers - 1), h = in_.int32_edge(0, shape_.kv_heads - 1);
-    const bool valid_head = l >= 0 && l < shape_.layers && h >= 0 && h < shape_.kv_heads;
-    const size_t n = model_.contains(seq) && valid_head ? model_.head(seq, l, h).size() : 0;
+    const auto [seq, l, h, valid_head, n] = pick_head();
     const size_t d = static_cast<size_t>(shape_.head_dim);
     const uint8_t off = in_.byte();
     std::vector<int32_t> p(n + (off == 1 ? 1 : 0));
