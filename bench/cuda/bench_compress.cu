@@ -1,6 +1,7 @@
 // One layer's compression step (scores + budgets + plan + compaction, on the device, without
 // the host commit) at the Llama-3-8B shape: B in {1, 8}, n in {4k, 32k, 128k}, for SnapKV
-// (C = n / 16, w 32, k 7), Ada-KV (same budget) and KV-Compress (M = n / 16).
+// (C = n / 16, w 32, k 7), Ada-KV (same budget) and KV-Compress (M = n / 16); window scores on
+// fp32 CUDA cores (tc:0, window_math::exact) and with bf16x3 tensor-core MMAs (tc:1).
 #include "bench_support.cuh"
 
 namespace {
@@ -42,6 +43,7 @@ void run_step(benchmark::State& state, const P& policy, int32_t window) {
   a.stride = c.config.max_tokens_per_head;
   a.keep = keep.as<int32_t>();
   a.error = error.as<int32_t>();
+  a.math = state.range(2) != 0 ? kvtrim::cuda::window_math::tensor_cores : kvtrim::cuda::window_math::exact;
   const size_t ws_bytes = kvtrim::cuda::workspace_size(a);
   device_memory ws(ws_bytes);
   cudaStream_t stream;
@@ -73,13 +75,14 @@ void bm_kv_compress(benchmark::State& state) {
 }
 
 void step_args(benchmark::internal::Benchmark* b) {
-  for (const int64_t batch : {1, 8})
-    for (const int64_t n : {4096, 32768, 131072}) b->Args({batch, n});
+  for (const int64_t tc : {0, 1})
+    for (const int64_t batch : {1, 8})
+      for (const int64_t n : {4096, 32768, 131072}) b->Args({batch, n, tc});
 }
 
 }  // namespace
 
-BENCHMARK(bm_snapkv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n"});
-BENCHMARK(bm_ada_kv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n"});
-BENCHMARK(bm_kv_compress)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n"});
+BENCHMARK(bm_snapkv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
+BENCHMARK(bm_ada_kv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
+BENCHMARK(bm_kv_compress)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
 BENCHMARK_MAIN();

@@ -119,7 +119,8 @@ namespace {
 
 //! Runs `policy` on both caches and compares the kept positions of every head.
 template <class P, kv::kv_element T>
-void check_compression(const P& policy, const kv::attention_shape& model, int32_t bs, uint32_t seed, int32_t rows) {
+void check_compression(const P& policy, const kv::attention_shape& model, int32_t bs, uint32_t seed, int32_t rows,
+                       kv::cuda::window_math math = kv::cuda::window_math::exact) {
   const int32_t n = 200;
   const kv::paged_cache_config config{{model.layers, model.q_heads, policy.metric.stored_heads(model), model.head_dim},
                                       bs, model.layers * policy.metric.stored_heads(model) * 2 * (n / bs + 2), 2, n + 8};
@@ -151,7 +152,7 @@ void check_compression(const P& policy, const kv::attention_shape& model, int32_
   upload(dp, positions);
   const kv::cuda::device_observation obs{dq.as<float>(), dp.as<int32_t>(), rows};
   device_memory ws(kv::cuda::compress_workspace_size(policy, c.device, model, static_cast<int32_t>(seqs.size()), rows));
-  require_ok(kv::cuda::compress(policy, c.device, seqs, model, obs, ws.as<void>(), ws.bytes(), nullptr));
+  require_ok(kv::cuda::compress(policy, c.device, seqs, model, obs, ws.as<void>(), ws.bytes(), nullptr, math));
 
   for (const int64_t s : seqs)
     for (int32_t l = 0; l < config.shape.layers; ++l)
@@ -211,5 +212,50 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "
   SECTION("H2O (prefill observation)") {
     check_compression<kv::h2o_policy, TestType>(kv::h2o({.budget = kv::token_budget::of_tokens(48), .recent = 8}), model,
                                                 bs, seed, 8);
+  }
+}
+
+// The bf16x3 tensor-core window scores (window_scores.cuh) must keep the same tokens: every
+// policy that scores an observation window, bf16 keys, the same shapes.
+TEST_CASE("compression with tensor-core window scores keeps the CPU backend's tokens", "[cuda]") {
+  using T = kv::bfloat16;
+  constexpr auto tc = kv::cuda::window_math::tensor_cores;
+  const int32_t d = GENERATE(8, 64, 128);
+  const int32_t bs = GENERATE(1, 16);
+  const int32_t group = GENERATE(1, 2, 8);
+  if (!keep_shape(d, bs, group)) return;
+  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({21u, 22u})));
+  CAPTURE(d, bs, group, seed);
+  const kv::attention_shape model{2, 2 * group, 2, d};
+  SECTION("SnapKV, max pool 7") {
+    check_compression<kv::snapkv_policy, T>(kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model,
+                                            bs, seed, 8, tc);
+  }
+  SECTION("SnapKV, avg pool 5, reduce after pooling per query head") {
+    auto p = kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8, .pool = kv::pooling::avg, .kernel = 5});
+    p.metric.reduce = kv::gqa_reduce::max;
+    p.metric.order = kv::reduce_order::after_pool;
+    check_compression<kv::snapkv_policy, T>(p, model, bs, seed, 8, tc);
+  }
+  SECTION("SnapKV, window 40 (at G = 8 the 320 query pairs span three blocks of 128)") {
+    check_compression<kv::snapkv_policy, T>(kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 40}),
+                                            model, bs, seed, 40, tc);
+  }
+  SECTION("Ada-KV") {
+    check_compression<kv::ada_snapkv_policy, T>(kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}),
+                                                model, bs, seed, 8, tc);
+  }
+  SECTION("PyramidKV") {
+    check_compression<kv::pyramidkv_policy, T>(
+        kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, tc);
+  }
+  SECTION("KV-Compress") {
+    check_compression<kv::kv_compress_policy, T>(
+        kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = bs, .protected_window = 8}), model, bs,
+        seed, 8, tc);
+  }
+  SECTION("H2O (prefill observation)") {
+    check_compression<kv::h2o_policy, T>(kv::h2o({.budget = kv::token_budget::of_tokens(48), .recent = 8}), model, bs,
+                                         seed, 8, tc);
   }
 }

@@ -158,6 +158,38 @@ TEST_CASE("cuda bad input: window_score_arguments are refused before any launch"
     refused(a, status::invalid_pool_kernel);
   }
   SECTION("no workspace") { CHECK(name(cu::window_scores(a, nullptr, nullptr)) == name(status::invalid_argument)); }
+  SECTION("an unknown window_math") {
+    a.math = static_cast<cu::window_math>(7);
+    refused(a, status::invalid_argument);
+  }
+  SECTION("tensor-core math on fp32 keys") {
+    a.math = cu::window_math::tensor_cores;
+    refused(a, status::not_supported);
+  }
+}
+
+TEST_CASE("cuda bad input: tensor-core window scores need bf16 keys and a head dim of 8k up to 128", "[cuda]") {
+  cu::window_score_arguments<kv::bfloat16> a;
+  a.pool = {stand_in<kv::bfloat16>(), stand_in<kv::bfloat16>(), stand_in<int32_t>(), stand_in<float>(),
+            stand_in<const int32_t>(), stand_in<const int32_t>(), 2, 2, 16, 16, 4};
+  a.rows = stand_in<const int32_t>();
+  a.batch = 1;
+  a.layer_count = 2;
+  a.q_heads = 8;
+  a.window = 4;
+  a.queries = stand_in<const float>();
+  a.query_positions = stand_in<const int32_t>();
+  a.stride = 64;
+  a.scores = stand_in<float>();
+  a.math = cu::window_math::tensor_cores;
+  REQUIRE(name(cu::can_implement(a)) == name(status::success));
+  const int32_t d = GENERATE(12, 136, 256);
+  CAPTURE(d);
+  a.pool.head_dim = d;
+  CHECK(name(cu::can_implement(a)) == name(status::not_supported));
+  CHECK(name(cu::window_scores(a, stand_in<void>(), nullptr)) == name(status::not_supported));
+  a.math = cu::window_math::exact;
+  CHECK(name(cu::can_implement(a)) == name(status::success));  // the fp32 path takes them
 }
 
 TEST_CASE("cuda bad input: plan_arguments are refused before any launch", "[cuda]") {
@@ -279,6 +311,16 @@ TEST_CASE("cuda bad input: compress_arguments are refused before any launch", "[
   SECTION("no workspace") {
     CHECK(name(cu::compress_on_device(a, nullptr, nullptr)) == name(status::invalid_argument));
   }
+  SECTION("tensor-core window scores on fp32 keys") {
+    a.math = cu::window_math::tensor_cores;
+    refused(a, status::not_supported);
+  }
+  SECTION("tensor-core math does not concern a policy without window scores") {
+    auto positional = compression(kv::streaming_llm({.budget = kv::token_budget::of_tokens(16), .sinks = 4}));
+    positional.obs.rows = 0;
+    positional.math = cu::window_math::tensor_cores;
+    CHECK(name(cu::can_implement(positional)) == name(status::success));
+  }
 }
 
 namespace {
@@ -337,6 +379,8 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
   rerotating.positions = kv::position_mode::rerotate;
   CHECK(name(cu::compress(rerotating, c.cache, one, model, obs, ws, big, nullptr)) == name(status::not_supported));
   CHECK(cu::compress_workspace_size(rerotating, c.cache, model, 1, 4) == 0);
+  CHECK(name(cu::compress(small_snapkv, c.cache, one, model, obs, ws, big, nullptr, cu::window_math::tensor_cores)) ==
+        name(status::not_supported));  // fp32 keys
 
   const auto decode = [&](std::span<const int64_t> seqs, int32_t layer, size_t bytes) {
     return name(cu::decode_attention(c.cache, seqs, layer, model.q_heads, stand_in<const float>(), stand_in<float>(),

@@ -146,6 +146,7 @@ struct compress_arguments {
   int32_t stride = 0;              //!< >= every head length (the cache's max_tokens_per_head)
   int32_t* keep = nullptr;         //!< [batch][layer_count][H] device out: each head's new length
   int32_t* error = nullptr;        //!< device out: 0 or the status of a failure found on the device
+  window_math math = window_math::exact;  //!< how window scores compute q . k (window_scores.cuh)
 };
 
 namespace detail {
@@ -173,6 +174,8 @@ template <compression_policy P, kv_element T>
   if (const status s = device_metric_of(a.policy.metric, a.obs.rows, src, p.window.metric, norm, p.scored);
       s != status::success)
     return s;
+  if (p.scored)
+    if (const status s = check_math<T>(a.math, a.model.head_dim); s != status::success) return s;
   if (const status s = device_budget_of(a.policy.allocator, p.plan.budget); s != status::success) return s;
   if (const status s = device_evictor_of(a.policy.evictor, p.plan.evictor); s != status::success) return s;
   p.window.pool = a.pool;
@@ -186,6 +189,7 @@ template <compression_policy P, kv_element T>
   p.window.query_positions = a.obs.positions;
   p.window.protect = a.policy.protect;
   p.window.stride = a.stride;
+  p.window.math = a.math;
   p.plan.pool = a.pool;
   p.plan.rows = a.rows;
   p.plan.batch = a.batch;
@@ -206,10 +210,16 @@ template <compression_policy P, kv_element T>
   return status::success;
 }
 
-//! Workspace layout: scores, kept flags, head indices, new metrics, then the largest of the
-//! three stages' own workspaces (they run one after another).
+//! Where the stage region starts in a step's workspace, and the bytes of the whole.
+struct compress_layout {
+  size_t stage_offset = 0;
+  size_t bytes = 0;
+};
+
+//! Workspace layout: scores, kept flags, head indices, new metrics, then the stage region, the
+//! largest of the three stages' own workspaces (they run one after another).
 template <compression_policy P, kv_element T>
-size_t carve(compress_parts<P, T>& p, void* base) {
+compress_layout carve(compress_parts<P, T>& p, void* base) {
   workspace_carver w(base);
   const int64_t heads = static_cast<int64_t>(p.plan.batch) * p.plan.layer_count * p.plan.pool.heads;
   const int64_t items = heads * p.plan.stride;
@@ -228,8 +238,29 @@ size_t carve(compress_parts<P, T>& p, void* base) {
   }
   const size_t cs = workspace_size(p.compaction);
   stage = cs > stage ? cs : stage;
+  const size_t stage_offset = w.used();
   w.take<char>(static_cast<int64_t>(stage));
-  return w.used();
+  return {stage_offset, w.used()};
+}
+
+//! The cache-level workspace: mirror rows, new lengths and the error word ahead of
+//! compress_on_device's `step_bytes`.
+struct cache_step_buffers {
+  int32_t* rows = nullptr;
+  int32_t* keep = nullptr;
+  int32_t* error = nullptr;
+  void* step = nullptr;
+  size_t bytes = 0;
+};
+[[nodiscard]] inline cache_step_buffers carve_cache_step(void* base, int32_t batch, int64_t heads, size_t step_bytes) {
+  workspace_carver w(base);
+  cache_step_buffers b;
+  b.rows = w.take<int32_t>(batch);
+  b.keep = w.take<int32_t>(heads);
+  b.error = w.take<int32_t>(1);
+  b.step = w.take<char>(static_cast<int64_t>(step_bytes));
+  b.bytes = w.used();
+  return b;
 }
 
 }  // namespace detail
@@ -257,7 +288,7 @@ template <compression_policy P, kv_element T>
 [[nodiscard]] size_t workspace_size(const compress_arguments<P, T>& a) {
   detail::compress_parts<P, T> p;
   if (detail::parts_of(a, p) != status::success) return 0;
-  return detail::carve(p, nullptr);
+  return detail::carve(p, nullptr).bytes;
 }
 
 //! One compression step on device buffers, on `stream`; `workspace` holds workspace_size(a)
@@ -271,19 +302,7 @@ template <compression_policy P, kv_element T>
   if (!workspace) return status::invalid_argument;
   detail::compress_parts<P, T> p;
   if (const status s = detail::parts_of(a, p); s != status::success) return s;
-  const size_t fixed = [&] {
-    detail::compress_parts<P, T> q = p;
-    detail::workspace_carver w(nullptr);
-    const int64_t heads = static_cast<int64_t>(q.plan.batch) * q.plan.layer_count * q.plan.pool.heads;
-    const int64_t items = heads * q.plan.stride;
-    w.take<float>(q.scored ? items : 0);
-    w.take<uint8_t>(items);
-    w.take<int64_t>(heads);
-    w.take<float>(q.plan.source == score_source::accumulated ? items : 0);
-    return w.used();
-  }();
-  detail::carve(p, workspace);
-  void* stage = static_cast<char*>(workspace) + fixed;
+  void* stage = static_cast<char*>(workspace) + detail::carve(p, workspace).stage_offset;
   if (p.scored)
     if (const status s = window_scores(p.window, stage, stream); s != status::success) return s;
   if (const status s = plan(p.plan, stage, stream); s != status::success) return s;
@@ -297,7 +316,8 @@ namespace detail {
 //! The arguments `compress` derives from a cache, without device pointers (for sizes and checks).
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 [[nodiscard]] compress_arguments<P, T> probe_arguments(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
-                                                      const attention_shape& model, int32_t batch, int32_t obs_rows) {
+                                                      const attention_shape& model, int32_t batch, int32_t obs_rows,
+                                                      window_math math = window_math::exact) {
   compress_arguments<P, T> a;
   a.policy = policy;
   a.model = model;
@@ -305,6 +325,7 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   a.batch = batch;
   a.obs.rows = obs_rows;
   a.stride = cache.config().max_tokens_per_head;
+  a.math = math;
   return a;
 }
 
@@ -317,29 +338,24 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
                                              const attention_shape& model, int32_t batch, int32_t obs_rows) {
   const size_t steps = workspace_size(detail::probe_arguments(policy, cache, model, batch, obs_rows));
   if (steps == 0) return 0;
-  const int64_t heads = static_cast<int64_t>(batch) * model.layers * cache.shape().kv_heads;
-  detail::workspace_carver w(nullptr);
-  w.take<int32_t>(batch);      // rows
-  w.take<int32_t>(heads);      // keep
-  w.take<int32_t>(1);          // error
-  w.take<char>(static_cast<int64_t>(steps));
-  return w.used();
+  const int64_t heads = static_cast<int64_t>(batch) * cache.shape().layers * cache.shape().kv_heads;
+  return detail::carve_cache_step(nullptr, batch, heads, steps).bytes;
 }
 
 //! Compresses every layer of the sequences `seqs` of a device cache with `policy`, then
 //! commits: one device-to-host copy of the new lengths and one synchronisation of `stream`
 //! per call. `obs` holds the window queries of every sequence and layer (rows 0 for none).
-//! On error nothing changed.
+//! `math` chooses how window scores compute q . k. On error nothing changed.
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 [[nodiscard]] status compress(const P& policy, device_paged_cache<T, HeadDim, M>& cache, std::span<const int64_t> seqs,
                               const attention_shape& model, const device_observation& obs, void* workspace,
-                              size_t workspace_bytes, cudaStream_t stream) {
+                              size_t workspace_bytes, cudaStream_t stream, window_math math = window_math::exact) {
   const auto batch = static_cast<int32_t>(seqs.size());
   if (batch == 0) return status::success;
   // Host checks first: the policy, every head, then the workspace.
   {
     detail::compress_parts<P, T> parts;
-    if (const status s = detail::parts_of(detail::probe_arguments(policy, cache, model, batch, obs.rows), parts);
+    if (const status s = detail::parts_of(detail::probe_arguments(policy, cache, model, batch, obs.rows, math), parts);
         s != status::success)
       return s;
   }
@@ -357,22 +373,22 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   }
   if (!workspace || workspace_bytes < compress_workspace_size(policy, cache, model, batch, obs.rows))
     return status::invalid_argument;
-  detail::workspace_carver w(workspace);
   const int64_t heads = static_cast<int64_t>(batch) * stored.layers * stored.kv_heads;
+  const detail::cache_step_buffers buffers = detail::carve_cache_step(workspace, batch, heads, 0);
   compress_arguments<P, T> a;
   a.policy = policy;
   a.model = model;
   a.pool = make_view(cache.buffers(), cache.config());
-  a.rows = w.take<int32_t>(batch);
+  a.rows = buffers.rows;
   a.batch = batch;
   a.obs = obs;
   a.stride = cache.config().max_tokens_per_head;
-  a.keep = w.take<int32_t>(heads);
-  a.error = w.take<int32_t>(1);
-  void* rest = w.take<char>(0);
+  a.keep = buffers.keep;
+  a.error = buffers.error;
+  a.math = math;
   KVTRIM_CUDA_TRY(cudaMemcpyAsync(const_cast<int32_t*>(a.rows), rows.data(), rows.size() * sizeof(int32_t),
                                   cudaMemcpyHostToDevice, stream));
-  if (const status s = compress_on_device(a, rest, stream); s != status::success) return s;
+  if (const status s = compress_on_device(a, buffers.step, stream); s != status::success) return s;
 
   // The commit: one copy back, one synchronisation.
   std::vector<int32_t> keep(static_cast<size_t>(heads) + 1);

@@ -8,19 +8,26 @@
 //! queries, the GQA reduction, and max / avg pooling along positions.
 //!
 //! One CTA scores a split of one head's keys for a block of up to 128 (query head, row)
-//! pairs, staged once in shared memory; key tiles of 64 are staged transposed, and each thread
-//! computes a 4-pair x 8-key tile of logits in registers. Two passes over K: pass 1 keeps
-//! every pair's running softmax max and denominator in registers (merged over the CTA's
-//! lanes, then over splits), pass 2 the probabilities, summed per (query head, key) over the
-//! rows in ascending order (the CPU's order). No w x n matrix is stored. The dot products run
-//! on fp32 CUDA cores in the CPU's order over d, so scores stay within rounding of the CPU
-//! oracle's (the parity tests compare kept sets); a bf16 tensor-core path would round the
-//! queries (docs/performance.md).
-
+//! pairs, staged once in shared memory, one tile of 64 keys at a time; each thread owns a
+//! 4-pair x 8-key tile of logits. Two passes over K: pass 1 keeps every pair's running softmax
+//! max and denominator in registers (merged over the CTA's lanes, then over splits), pass 2
+//! the probabilities, summed per (query head, key) over the rows in ascending order (the
+//! CPU's order). No w x n matrix is stored.
+//!
+//! How the logits are computed is a compile-time policy of the two kernels (`window_math`):
+//! - `exact` (default): fp32 CUDA cores, dot products in the CPU's order over d, so scores
+//!   stay within rounding of the CPU oracle's (the parity tests compare kept sets).
+//! - `tensor_cores` (bf16 K): every fp32 query is split into three bf16 terms whose sum is
+//!   the query (8 + 8 + 8 significand bits), and each 16 x 16 tile of logits is three bf16
+//!   MMAs with fp32 accumulation. bf16 x bf16 products are exact in fp32, so only the order of
+//!   the fp32 sums differs from `exact`; a single bf16 MMA would round the queries instead.
+#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
+#include <mma.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kvtrim/backend/cuda/error.cuh"
 #include "kvtrim/backend/cuda/kernels/segmented_sort.cuh"
@@ -31,6 +38,12 @@
 
 KVTRIM_NAMESPACE_BEGIN
 namespace cuda {
+
+//! How the window-score kernels compute q . k (see the file comment).
+enum class window_math : int32_t {
+  exact,         //!< fp32 CUDA cores in the CPU's order over d
+  tensor_cores,  //!< bf16 K, head dim a multiple of 8 up to 128, sm_80 or newer: bf16x3 MMAs
+};
 
 template <kv_element T>
 struct window_score_arguments {
@@ -47,11 +60,25 @@ struct window_score_arguments {
   protected_set protect{};             //!< its `recent` bounds the pooled prefix (evictable_prefix)
   int32_t stride = 0;                  //!< >= every head length; row pitch of `scores`
   float* scores = nullptr;             //!< [batch][layer_count][H][stride] device, slot order
+  window_math math = window_math::exact;
 };
 
 //! Shared memory holds a 128-pair block and a 64-key tile in fp32: about 100 KiB at head dim
-//! 128 and 205 KiB at 256 (within sm_90's 227 KiB per block).
+//! 128 and 205 KiB at 256 (within sm_90's 227 KiB per block). The tensor-core path holds the
+//! block three times in bf16 plus a 128 x 64 fp32 logit tile: 154 KiB at 128.
 inline constexpr int32_t max_window_head_dim = 256;
+inline constexpr int32_t max_tensor_core_head_dim = 128;
+
+//! invalid_argument for an unknown `math`; not_supported where it cannot score keys of type T
+//! at head dim d (tensor_cores: bf16 only, d a multiple of 8 up to 128).
+template <kv_element T>
+[[nodiscard]] constexpr status check_math(window_math math, int32_t head_dim) noexcept {
+  if (math != window_math::exact && math != window_math::tensor_cores) return status::invalid_argument;
+  if (math == window_math::tensor_cores &&
+      (!std::is_same_v<T, bfloat16> || head_dim % 8 != 0 || head_dim > max_tensor_core_head_dim))
+    return status::not_supported;
+  return status::success;
+}
 
 template <kv_element T>
 [[nodiscard]] status can_implement(const window_score_arguments<T>& a) noexcept {
@@ -66,6 +93,7 @@ template <kv_element T>
     return status::invalid_argument;
   if (a.window < 1) return status::window_too_large;
   if (a.pool.head_dim > max_window_head_dim) return status::not_supported;
+  if (const status s = check_math<T>(a.math, a.pool.head_dim); s != status::success) return s;
   if (a.batch > 0 && (!a.rows || !a.queries || !a.query_positions || !a.scores)) return status::invalid_argument;
   return status::success;
 }
@@ -116,16 +144,6 @@ template <kv_element T>
   l.pooled = l.pool ? l.heads * (l.after_pool ? l.per_row : 1) * a.stride : 0;
   l.items = l.pool ? l.heads * a.stride : 0;
   return l;
-}
-
-//! Shared memory: the pair block transposed [d][pair_pitch], then a region that holds the key
-//! tile transposed [d][key_pitch] and, once the logits are in registers, the probability tile
-//! [window_pairs][prob_pitch]; then key positions and pair positions.
-[[nodiscard]] inline size_t window_smem(int32_t d) noexcept {
-  const int64_t tile = static_cast<int64_t>(d) * key_pitch;
-  const int64_t probs = static_cast<int64_t>(window_pairs) * prob_pitch;
-  const int64_t floats = static_cast<int64_t>(d) * pair_pitch + (tile > probs ? tile : probs);
-  return static_cast<size_t>(floats) * sizeof(float) + (window_keys + window_pairs) * sizeof(int32_t);
 }
 
 }  // namespace detail
@@ -193,92 +211,237 @@ __device__ __forceinline__ window_head<T> window_head_of(const window_params<T>&
   return w;
 }
 
-//! Stages pairs [first, first + count) of the head's block transposed: sq[c][pair], and each
-//! pair's query position.
+//! The query row [d] of pair `pair` of the head: pairs are query-head major (g * w + row).
 template <kv_element T>
-__device__ void load_pair_block(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
-                                int32_t d, float* sq, int32_t* sqpos) {
+__device__ __forceinline__ const float* pair_query(const window_params<T>& p, const window_head<T>& wh, int32_t pair) {
   const auto& a = p.args;
   const int32_t qh0 = a.metric.reduce == gqa_reduce::per_query_head ? wh.h : wh.h * p.layout.per_row;
   const int64_t lb = static_cast<int64_t>(wh.b) * a.layer_count + (wh.layer - a.first_layer);
-  for (int32_t i = threadIdx.x; i < window_pairs * d; i += blockDim.x) {
-    const int32_t q = i / d, c = i - q * d;
-    const int32_t pair = first + q;
-    float v = 0.f;
-    if (q < count) {
-      const int32_t g = pair / a.window, r = pair - g * a.window;
-      v = a.queries[((lb * a.window + r) * a.q_heads + qh0 + g) * d + c];
-    }
-    sq[c * pair_pitch + q] = v;
-  }
+  const int32_t g = pair / a.window, r = pair - g * a.window;
+  return a.queries + ((lb * a.window + r) * a.q_heads + qh0 + g) * a.pool.head_dim;
+}
+
+//! Positions of pairs [first, first + count) (-1 past the block), and of keys [base, base +
+//! count) of a head (INT32_MAX past the tile: the causal test masks them).
+template <kv_element T>
+__device__ void stage_pair_positions(const window_params<T>& p, const window_head<T>& wh, int32_t first,
+                                     int32_t count, int32_t* sqpos) {
+  const auto& a = p.args;
   for (int32_t q = threadIdx.x; q < window_pairs; q += blockDim.x)
     sqpos[q] = q < count ? a.query_positions[static_cast<int64_t>(wh.b) * a.window + (first + q) % a.window] : -1;
 }
-
-//! Stages keys [base, base + count) of a head transposed: sk[c][key], as fp32, and their
-//! positions. Lanes walk keys fastest, so the shared-memory stores do not conflict.
 template <kv_element T>
-__device__ void load_key_tile(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count, int32_t d,
-                              float* sk, int32_t* skpos) {
-  for (int32_t i = threadIdx.x; i < window_keys * d; i += blockDim.x) {
-    const int32_t c = i / window_keys, k = i - c * window_keys;
-    sk[c * key_pitch + k] = k < count ? load(pool.keys[pool.physical(head, base + k) * d + c]) : 0.f;
-  }
+__device__ void stage_key_positions(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count,
+                                    int32_t* skpos) {
   for (int32_t k = threadIdx.x; k < window_keys; k += blockDim.x)
     skpos[k] = k < count ? pool.positions[pool.physical(head, base + k)] : INT32_MAX;
 }
 
-//! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending.
-__device__ __forceinline__ void logit_tile(const float* sq, const float* sk, int32_t d, int32_t pg, int32_t kg,
-                                           float sqrt_d, float (&x)[4][8]) {
-#pragma unroll
-  for (int32_t i = 0; i < 4; ++i)
-#pragma unroll
-    for (int32_t j = 0; j < 8; ++j) x[i][j] = 0.f;
-  for (int32_t c = 0; c < d; ++c) {
-    const float4 q = *reinterpret_cast<const float4*>(sq + c * pair_pitch + 4 * pg);
-    const float4 k0 = *reinterpret_cast<const float4*>(sk + c * key_pitch + 8 * kg);
-    const float4 k1 = *reinterpret_cast<const float4*>(sk + c * key_pitch + 8 * kg + 4);
-    const float qv[4] = {q.x, q.y, q.z, q.w};
-    const float kv[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+//! A CTA's shared-memory regions, carved by the logit policy.
+struct window_smem_view {
+  void* q;         // the pair block
+  void* k;         // the key tile
+  float* logits;   // tensor cores: the 128 x 64 fp32 logit tile
+  float* probs;    // pass 2: [window_pairs][prob_pitch], written once the logits are in registers
+  int32_t* skpos;  // [window_keys]
+  int32_t* sqpos;  // [window_pairs]
+};
+
+[[nodiscard]] __host__ __device__ constexpr int64_t round_up_128(int64_t bytes) noexcept { return (bytes + 127) / 128 * 128; }
+
+//! window_math::exact: the pair block [d][pair_pitch] and the key tile [d][key_pitch] in fp32,
+//! transposed so each thread reads float4 rows; the probability tile reuses the key tile.
+struct exact_logits {
+  [[nodiscard]] __host__ __device__ static int64_t tile_floats(int32_t d) noexcept {
+    const int64_t keys = static_cast<int64_t>(d) * key_pitch, probs = static_cast<int64_t>(window_pairs) * prob_pitch;
+    return keys > probs ? keys : probs;
+  }
+  [[nodiscard]] static size_t smem_bytes(int32_t d) noexcept {
+    return static_cast<size_t>((static_cast<int64_t>(d) * pair_pitch + tile_floats(d)) * sizeof(float) +
+                               (window_keys + window_pairs) * sizeof(int32_t));
+  }
+  __device__ static window_smem_view view(char* smem, int32_t d) {
+    window_smem_view v;
+    v.q = smem;
+    v.k = smem + static_cast<int64_t>(d) * pair_pitch * sizeof(float);
+    v.logits = nullptr;
+    v.probs = static_cast<float*>(v.k);
+    v.skpos = reinterpret_cast<int32_t*>(static_cast<float*>(v.k) + tile_floats(d));
+    v.sqpos = v.skpos + window_keys;
+    return v;
+  }
+  template <kv_element T>
+  __device__ static void stage_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
+                                     const window_smem_view& v) {
+    const int32_t d = p.args.pool.head_dim;
+    float* sq = static_cast<float*>(v.q);
+    for (int32_t i = threadIdx.x; i < window_pairs * d; i += blockDim.x) {
+      const int32_t q = i / d, c = i - q * d;
+      sq[c * pair_pitch + q] = q < count ? pair_query(p, wh, first + q)[c] : 0.f;
+    }
+    stage_pair_positions(p, wh, first, count, v.sqpos);
+  }
+  //! Lanes walk keys fastest, so the transposed shared-memory stores do not conflict.
+  template <kv_element T>
+  __device__ static void stage_keys(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count,
+                                    const window_smem_view& v) {
+    const int32_t d = pool.head_dim;
+    float* sk = static_cast<float*>(v.k);
+    for (int32_t i = threadIdx.x; i < window_keys * d; i += blockDim.x) {
+      const int32_t c = i / window_keys, k = i - c * window_keys;
+      sk[c * key_pitch + k] = k < count ? load(pool.keys[pool.physical(head, base + k) * d + c]) : 0.f;
+    }
+    stage_key_positions(pool, head, base, count, v.skpos);
+  }
+  //! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending.
+  __device__ static void tile(const window_smem_view& v, int32_t d, float sqrt_d, float (&x)[4][8]) {
+    const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
+    const float* sq = static_cast<const float*>(v.q);
+    const float* sk = static_cast<const float*>(v.k);
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i)
 #pragma unroll
-      for (int32_t j = 0; j < 8; ++j) x[i][j] += qv[i] * kv[j];
+      for (int32_t j = 0; j < 8; ++j) x[i][j] = 0.f;
+    for (int32_t c = 0; c < d; ++c) {
+      const float4 q = *reinterpret_cast<const float4*>(sq + c * pair_pitch + 4 * pg);
+      const float4 k0 = *reinterpret_cast<const float4*>(sk + c * key_pitch + 8 * kg);
+      const float4 k1 = *reinterpret_cast<const float4*>(sk + c * key_pitch + 8 * kg + 4);
+      const float qv[4] = {q.x, q.y, q.z, q.w};
+      const float kv[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+#pragma unroll
+      for (int32_t i = 0; i < 4; ++i)
+#pragma unroll
+        for (int32_t j = 0; j < 8; ++j) x[i][j] += qv[i] * kv[j];
+    }
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i)
+#pragma unroll
+      for (int32_t j = 0; j < 8; ++j) x[i][j] /= sqrt_d;
   }
-#pragma unroll
-  for (int32_t i = 0; i < 4; ++i)
-#pragma unroll
-    for (int32_t j = 0; j < 8; ++j) x[i][j] /= sqrt_d;
-}
-
-//! The CTA's smem pointers.
-struct window_smem_view {
-  float* sq;
-  float* sk;       // key tile, then the probability tile
-  int32_t* skpos;
-  int32_t* sqpos;
 };
-__device__ __forceinline__ window_smem_view window_smem_of(float* smem, int32_t d) {
-  const int64_t tile = static_cast<int64_t>(d) * key_pitch;
-  const int64_t probs = static_cast<int64_t>(window_pairs) * prob_pitch;
-  window_smem_view v;
-  v.sq = smem;
-  v.sk = smem + static_cast<int64_t>(d) * pair_pitch;
-  v.skpos = reinterpret_cast<int32_t*>(v.sk + (tile > probs ? tile : probs));
-  v.sqpos = v.skpos + window_keys;
-  return v;
-}
+
+//! window_math::tensor_cores (bf16 K): the pair block as three bf16 matrices [pair][pitch]
+//! (hi, mid, lo: hi + mid + lo == the fp32 query), the key tile [key][pitch] in bf16 as
+//! stored, both zero-padded to a multiple of 16 along d; warp w computes logit rows
+//! [16 w, 16 w + 16) x 64 keys with WMMA (16 x 16 x 16), small terms first, into an fp32 tile
+//! that each thread then reads its 4 x 8 from. The probability tile reuses the logit tile.
+struct tensor_core_logits {
+  static constexpr int32_t logit_pitch = window_keys + 4;  // fp32 elements; WMMA wants a multiple of 4
+  static_assert(window_threads / 32 * 16 == window_pairs, "one warp per 16 pair rows");
+  static_assert(window_pairs * prob_pitch <= window_pairs * logit_pitch, "the probability tile fits the logit tile");
+
+  [[nodiscard]] __host__ __device__ static constexpr int32_t padded(int32_t d) noexcept { return (d + 15) / 16 * 16; }
+  //! bf16 row pitch: 16 bytes past a multiple of 32 shifts each row by four banks (ldmatrix
+  //! reads eight rows at once without conflicts) and keeps WMMA's 32-byte alignment per 16 rows.
+  [[nodiscard]] __host__ __device__ static constexpr int32_t pitch(int32_t d) noexcept { return padded(d) + 8; }
+  [[nodiscard]] __host__ __device__ static int64_t q_bytes(int32_t d) noexcept {
+    return round_up_128(3LL * window_pairs * pitch(d) * 2);
+  }
+  [[nodiscard]] __host__ __device__ static int64_t k_bytes(int32_t d) noexcept {
+    return round_up_128(static_cast<int64_t>(window_keys) * pitch(d) * 2);
+  }
+  static constexpr int64_t logit_bytes = static_cast<int64_t>(window_pairs) * logit_pitch * sizeof(float);
+  [[nodiscard]] static size_t smem_bytes(int32_t d) noexcept {
+    return static_cast<size_t>(q_bytes(d) + k_bytes(d) + logit_bytes + (window_keys + window_pairs) * sizeof(int32_t));
+  }
+  __device__ static window_smem_view view(char* smem, int32_t d) {
+    window_smem_view v;
+    v.q = smem;
+    v.k = smem + q_bytes(d);
+    v.logits = reinterpret_cast<float*>(smem + q_bytes(d) + k_bytes(d));
+    v.probs = v.logits;
+    v.skpos = reinterpret_cast<int32_t*>(smem + q_bytes(d) + k_bytes(d) + logit_bytes);
+    v.sqpos = v.skpos + window_keys;
+    return v;
+  }
+  template <kv_element T>
+  __device__ static void stage_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
+                                     const window_smem_view& v) {
+    const int32_t d = p.args.pool.head_dim, dp = padded(d), ld = pitch(d);
+    __nv_bfloat16* hi = static_cast<__nv_bfloat16*>(v.q);
+    __nv_bfloat16* mid = hi + window_pairs * ld;
+    __nv_bfloat16* lo = mid + window_pairs * ld;
+    for (int32_t i = threadIdx.x; i < window_pairs * dp; i += blockDim.x) {
+      const int32_t q = i / dp, c = i - q * dp;
+      const float x = q < count && c < d ? pair_query(p, wh, first + q)[c] : 0.f;
+      // Each residual is exact in fp32; three bf16 terms hold all 24 significand bits.
+      const __nv_bfloat16 h = __float2bfloat16_rn(x);
+      const float r = x - __bfloat162float(h);
+      const __nv_bfloat16 m = __float2bfloat16_rn(r);
+      hi[q * ld + c] = h;
+      mid[q * ld + c] = m;
+      lo[q * ld + c] = __float2bfloat16_rn(r - __bfloat162float(m));
+    }
+    stage_pair_positions(p, wh, first, count, v.sqpos);
+  }
+  //! 16-byte copies of the stored bf16 rows (d % 8 == 0, so every row is 16-byte aligned).
+  template <kv_element T>
+  __device__ static void stage_keys(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count,
+                                    const window_smem_view& v) {
+    static_assert(std::is_same_v<T, bfloat16>, "the tensor-core path reads bf16 keys");
+    const int32_t d = pool.head_dim, chunks = padded(d) / 8, ld = pitch(d);
+    auto* sk = static_cast<__nv_bfloat16*>(v.k);
+    for (int32_t i = threadIdx.x; i < window_keys * chunks; i += blockDim.x) {
+      const int32_t k = i / chunks, ch = i - k * chunks;
+      uint4 bits{0u, 0u, 0u, 0u};
+      if (k < count && ch * 8 < d)
+        bits = *reinterpret_cast<const uint4*>(pool.keys + pool.physical(head, base + k) * d + ch * 8);
+      *reinterpret_cast<uint4*>(sk + k * ld + ch * 8) = bits;
+    }
+    stage_key_positions(pool, head, base, count, v.skpos);
+  }
+  //! Every thread of the CTA must call it (it synchronises the CTA once).
+  __device__ static void tile(const window_smem_view& v, int32_t d, float sqrt_d, float (&x)[4][8]) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    namespace wmma = nvcuda::wmma;
+    const int32_t ld = pitch(d), dp = padded(d), row = 16 * static_cast<int32_t>(threadIdx.x / 32);
+    const auto* hi = static_cast<const __nv_bfloat16*>(v.q);
+    const __nv_bfloat16* terms[3] = {hi + 2 * window_pairs * ld, hi + window_pairs * ld, hi};  // lo, mid, hi
+    const auto* sk = static_cast<const __nv_bfloat16*>(v.k);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[window_keys / 16];
+#pragma unroll
+    for (int32_t n = 0; n < window_keys / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int32_t c = 0; c < dp; c += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[3];
+#pragma unroll
+      for (int32_t t = 0; t < 3; ++t) wmma::load_matrix_sync(a[t], terms[t] + row * ld + c, ld);
+#pragma unroll
+      for (int32_t n = 0; n < window_keys / 16; ++n) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;  // K^T: key n is column n
+        wmma::load_matrix_sync(b, sk + 16 * n * ld + c, ld);
+#pragma unroll
+        for (int32_t t = 0; t < 3; ++t) wmma::mma_sync(acc[n], a[t], b, acc[n]);
+      }
+    }
+#pragma unroll
+    for (int32_t n = 0; n < window_keys / 16; ++n)
+      wmma::store_matrix_sync(v.logits + row * logit_pitch + 16 * n, acc[n], logit_pitch, wmma::mem_row_major);
+    __syncthreads();
+    const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i) {
+      const float* r = v.logits + (4 * pg + i) * logit_pitch + 8 * kg;
+      const float4 x0 = *reinterpret_cast<const float4*>(r);
+      const float4 x1 = *reinterpret_cast<const float4*>(r + 4);
+      const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+      for (int32_t j = 0; j < 8; ++j) x[i][j] = xs[j] / sqrt_d;
+    }
+#else
+    __trap();  // window_scores refuses tensor_cores below sm_80 before launching
+#endif
+  }
+};
 
 //! Pass 1: per pair, the running max and denominator over this split's causal keys.
-template <kv_element T>
+template <kv_element T, class Logits>
 __global__ void __launch_bounds__(window_threads) window_stats_kernel(const __grid_constant__ window_params<T> p) {
-  extern __shared__ __align__(16) float smem[];
+  extern __shared__ __align__(128) char window_shared[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
   const int32_t d = a.pool.head_dim;
   const window_head<T> wh = window_head_of(p);
-  const window_smem_view sm = window_smem_of(smem, d);
+  const window_smem_view sm = Logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
   const int32_t begin = blockIdx.x * l.split_keys;
   const int32_t end = min(wh.length, begin + l.split_keys);
@@ -288,13 +451,13 @@ __global__ void __launch_bounds__(window_threads) window_stats_kernel(const __gr
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) m[i] = -INFINITY, s[i] = 0.f;
     __syncthreads();
-    load_pair_block(p, wh, first, count, d, sm.sq, sm.sqpos);
+    Logits::stage_pairs(p, wh, first, count, sm);
     for (int32_t base = begin; base < end; base += window_keys) {
       __syncthreads();
-      load_key_tile(a.pool, wh.head, base, min(window_keys, end - base), d, sm.sk, sm.skpos);
+      Logits::stage_keys(a.pool, wh.head, base, min(window_keys, end - base), sm);
       __syncthreads();
       float x[4][8];
-      logit_tile(sm.sq, sm.sk, d, pg, kg, p.sqrt_d, x);
+      Logits::tile(sm, d, p.sqrt_d, x);
 #pragma unroll
       for (int32_t i = 0; i < 4; ++i) {
         const int32_t qpos = sm.sqpos[4 * pg + i];
@@ -352,14 +515,14 @@ __global__ void window_merge_kernel(const __grid_constant__ window_params<T> p) 
 
 //! Pass 2: probabilities (or their squares) summed per (query head, key) over the rows,
 //! ascending, into agg [heads][per_row][stride].
-template <kv_element T>
+template <kv_element T, class Logits>
 __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __grid_constant__ window_params<T> p) {
-  extern __shared__ __align__(16) float smem[];
+  extern __shared__ __align__(128) char window_shared[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
   const int32_t d = a.pool.head_dim;
   const window_head<T> wh = window_head_of(p);
-  const window_smem_view sm = window_smem_of(smem, d);
+  const window_smem_view sm = Logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
   const int32_t begin = blockIdx.x * l.split_keys;
   const int32_t end = min(wh.length, begin + l.split_keys);
@@ -376,19 +539,18 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
     // Query heads whose rows this block holds: [g_first, g_last].
     const int32_t g_first = first / a.window, g_last = (first + count - 1) / a.window;
     __syncthreads();
-    load_pair_block(p, wh, first, count, d, sm.sq, sm.sqpos);
+    Logits::stage_pairs(p, wh, first, count, sm);
     for (int32_t base = begin; base < end; base += window_keys) {
       const int32_t keys = min(window_keys, end - base);
       __syncthreads();
-      load_key_tile(a.pool, wh.head, base, keys, d, sm.sk, sm.skpos);
+      Logits::stage_keys(a.pool, wh.head, base, keys, sm);
       __syncthreads();
       float x[4][8];
-      logit_tile(sm.sq, sm.sk, d, pg, kg, p.sqrt_d, x);
+      Logits::tile(sm, d, p.sqrt_d, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
-      __syncthreads();  // the probability tile overwrites the key tile
-      float* probs = sm.sk;
+      __syncthreads();  // the probability tile overwrites the key (or logit) tile
 #pragma unroll
       for (int32_t i = 0; i < 4; ++i) {
         const int32_t qpos = sm.sqpos[4 * pg + i];
@@ -399,7 +561,7 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
             v = expf(x[i][j] - m[i]) / s[i];
             if (squared) v *= v;
           }
-          probs[(4 * pg + i) * prob_pitch + 8 * kg + j] = v;
+          sm.probs[(4 * pg + i) * prob_pitch + 8 * kg + j] = v;
         }
       }
       __syncthreads();
@@ -409,11 +571,41 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
         const int32_t r1 = min(first + count, (g + 1) * a.window) - first;
         float* out = p.agg + (wh.index * l.per_row + g) * a.stride + base + k;
         float v = first > g * a.window ? *out : 0.f;  // rows of g in an earlier block
-        for (int32_t q = r0; q < r1; ++q) v += probs[q * prob_pitch + k];
+        for (int32_t q = r0; q < r1; ++q) v += sm.probs[q * prob_pitch + k];
         *out = v;
       }
     }
   }
+}
+
+//! The two passes and the merge between them, with the logits of `Logits`.
+template <kv_element T, class Logits>
+[[nodiscard]] status launch_window_passes(const window_params<T>& p, cudaStream_t stream) {
+  const size_t smem = Logits::smem_bytes(p.args.pool.head_dim);
+  if (smem > 48 * 1024) {
+    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(window_stats_kernel<T, Logits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
+    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(window_probs_kernel<T, Logits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
+  }
+  const dim3 grid(static_cast<unsigned>(p.layout.splits), static_cast<unsigned>(p.args.pool.heads),
+                  static_cast<unsigned>(p.args.batch * p.args.layer_count));
+  window_stats_kernel<T, Logits><<<grid, window_threads, smem, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  const int32_t et = default_tuning.elementwise.threads;
+  window_merge_kernel<T><<<grid_for(p.layout.heads * p.layout.pairs, et), et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  window_probs_kernel<T, Logits><<<grid, window_threads, smem, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  return status::success;
+}
+
+//! tensor_cores needs WMMA's bf16 MMA: sm_80 or newer.
+[[nodiscard]] inline status check_tensor_cores() {
+  int device = 0, major = 0;
+  KVTRIM_CUDA_TRY(cudaGetDevice(&device));
+  KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8 ? status::success : status::not_supported;
 }
 
 //! Mirror index of workspace head hi.
@@ -525,20 +717,16 @@ template <kv_element T>
   p.values_out = w.take<int32_t>(l.items);
   p.begin = w.take<int64_t>(l.pool ? l.heads : 0);
   p.end = w.take<int64_t>(l.pool ? l.heads : 0);
-  const size_t smem = detail::window_smem(a.pool.head_dim);
-  if (smem > 48 * 1024) {
-    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(detail::window_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(detail::window_probs_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if constexpr (std::is_same_v<T, bfloat16>) {  // can_implement refuses tensor_cores for other types
+    if (a.math == window_math::tensor_cores) {
+      if (const status s = detail::check_tensor_cores(); s != status::success) return s;
+      if (const status s = detail::launch_window_passes<T, detail::tensor_core_logits>(p, stream); s != status::success)
+        return s;
+    }
   }
-  const dim3 grid(static_cast<unsigned>(l.splits), static_cast<unsigned>(a.pool.heads),
-                  static_cast<unsigned>(a.batch * a.layer_count));
-  detail::window_stats_kernel<T><<<grid, detail::window_threads, smem, stream>>>(p);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
+  if (a.math == window_math::exact)
+    if (const status s = detail::launch_window_passes<T, detail::exact_logits>(p, stream); s != status::success) return s;
   const int32_t et = default_tuning.elementwise.threads;
-  detail::window_merge_kernel<T><<<detail::grid_for(l.heads * l.pairs, et), et, 0, stream>>>(p);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
-  detail::window_probs_kernel<T><<<grid, detail::window_threads, smem, stream>>>(p);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
 
   // agg holds row sums per query head; the mean over rows divides them (as the CPU does)
   // before pooling and the group reduction, in the metric's order.
