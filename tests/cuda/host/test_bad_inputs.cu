@@ -212,11 +212,6 @@ TEST_CASE("cuda bad input: plan_arguments are refused before any launch", "[cuda
     a.budget.block_size = 0;
     refused(a, status::invalid_argument);
   }
-  SECTION("Ada-KV over more than 255 heads") {
-    a.budget.type = cu::device_budget::kind::adaptive;
-    a.pool.heads = 256;
-    refused(a, status::not_supported);
-  }
   SECTION("window scores without a score buffer") { a.scores = nullptr; refused(a, status::invalid_argument); }
   SECTION("accumulated metrics without a buffer for the new ones") {
     a.source = cu::score_source::accumulated;
@@ -268,8 +263,26 @@ TEST_CASE("cuda bad input: compaction, moves, append and the sort are refused be
   s.items = int64_t{std::numeric_limits<int32_t>::max()} + 1;
   s.segments = 1;
   CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::not_supported));
+  s.items = 8;
+  s.end_bit = 0;
+  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::invalid_argument));
+  s.end_bit = 65;
+  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::invalid_argument));
+  s.end_bit = 64;
   s.items = 0;  // nothing to sort: a no-op
   CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::success));
+
+  cu::radix_sort_arguments r{};
+  r.items = int64_t{std::numeric_limits<int32_t>::max()} + 1;
+  CHECK(name(cu::radix_sort(r, nullptr, nullptr)) == name(status::not_supported));
+  r.items = 8;
+  r.end_bit = 65;
+  CHECK(name(cu::radix_sort(r, nullptr, nullptr)) == name(status::invalid_argument));
+  r.end_bit = 0;
+  CHECK(name(cu::radix_sort(r, nullptr, nullptr)) == name(status::invalid_argument));
+  r.items = 0;  // nothing to sort: a no-op
+  r.end_bit = 64;
+  CHECK(name(cu::radix_sort(r, nullptr, nullptr)) == name(status::success));
 }
 
 TEST_CASE("cuda bad input: compress_arguments are refused before any launch", "[cuda]") {

@@ -9,10 +9,12 @@
 //!    scores -> lower position (a cache never holds one position twice; the stable sort of
 //!    slot-ordered values settles the rest by the lower slot).
 //! 2. CUB segmented radix sort, one segment per (sequence, layer, head).
-//! 3. budgets: uniform and pyramid per head; Ada-KV per layer (a second segmented sort over the
-//!    layer's candidates keyed (score desc, head, rank) gives each head's share of the
+//! 3. budgets: uniform and pyramid per head; Ada-KV per layer (a second sort, within each
+//!    layer, of its candidates keyed (score desc, head, rank) gives each head's share of the
 //!    layer's top-k, then the safeguard); KV-Compress per sequence (candidate blocks priced by
 //!    their block metric, keyed (metric asc, head, block), cheapest `blocks_to_evict` taken).
+//!    The second sort is one device-wide radix sort when the group index fits in the keys'
+//!    spare high bits (group_key_format), else a segmented sort (one CTA per group).
 //! 4. evictor: top-k, or rounded up to whole blocks; kept flags per slot for compaction.
 //! Device-detected input errors (NaN scores, empty heads) are reported through `error` and
 //! make every later step of the same compression a no-op (strong guarantee).
@@ -90,8 +92,6 @@ template <kv_element T>
     return status::invalid_argument;
   const int64_t heads = static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads;
   if (heads > 65535 || heads * a.stride > INT32_MAX) return status::not_supported;
-  if (a.budget.type == device_budget::kind::adaptive && (a.pool.heads > 255 || a.stride >= (1 << 24)))
-    return status::not_supported;  // (head << 24 | rank) must fit 32 bits
   if (a.budget.type == device_budget::kind::global_blocks) {
     if (a.first_layer != 0 || a.layer_count != a.pool.layers) return status::invalid_argument;
     if (a.budget.block_size < 1) return status::invalid_argument;
@@ -107,11 +107,64 @@ template <kv_element T>
 
 namespace detail {
 
+//! Values [0, count) need this many bits.
+[[nodiscard]] __host__ __device__ constexpr int32_t bits_for(int64_t count) noexcept {
+  int32_t b = 0;
+  while (b < 62 && (int64_t{1} << b) < count) ++b;
+  return b;
+}
+[[nodiscard]] __host__ __device__ constexpr uint64_t low_bits(int32_t n) noexcept {
+  return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+}
+
+//! Keys of the second sort: a candidate's 32 score bits (ascending = better first) and its
+//! `local` index in its group (head in the group * span + rank; unique, so no ties), sorted
+//! within each group. Packed, the group index sits above them ([group][score][local], low bits
+//! first up to end_bit) and one device-wide sort orders every group at once; unpacked
+//! (score << 32 | local), a segmented sort keeps the groups apart. Padding sorts after every
+//! candidate of its group: no candidate's score bits are all ones (that is a NaN, refused).
+struct group_key_format {
+  int32_t group_bits = 0;
+  int32_t local_bits = 32;
+  bool packed = false;
+
+  [[nodiscard]] __host__ __device__ constexpr uint64_t encode(int64_t group, uint32_t score, uint32_t local) const noexcept {
+    if (!packed) return (static_cast<uint64_t>(score) << 32) | local;
+    const uint64_t g = group_bits == 0 ? 0 : static_cast<uint64_t>(group) << (32 + local_bits);
+    return g | (static_cast<uint64_t>(score) << local_bits) | local;
+  }
+  [[nodiscard]] __host__ __device__ constexpr uint64_t padding(int64_t group) const noexcept {
+    if (!packed) return ~uint64_t{0};
+    const uint64_t g = group_bits == 0 ? 0 : static_cast<uint64_t>(group) << (32 + local_bits);
+    return g | low_bits(32 + local_bits);
+  }
+  [[nodiscard]] __host__ __device__ constexpr uint32_t local_of(uint64_t key) const noexcept {
+    return static_cast<uint32_t>(key & low_bits(packed ? local_bits : 32));
+  }
+  [[nodiscard]] __host__ __device__ constexpr int32_t end_bit() const noexcept {
+    return packed ? group_bits + 32 + local_bits : 64;
+  }
+};
+
+//! The format for `groups` groups of `locals` candidates each.
+[[nodiscard]] __host__ __device__ constexpr group_key_format group_key_format_of(int64_t groups, int64_t locals) noexcept {
+  group_key_format f;
+  f.group_bits = bits_for(groups);
+  f.local_bits = bits_for(locals);
+  f.packed = f.group_bits + f.local_bits <= 32;
+  if (!f.packed) f.local_bits = 32;
+  return f;
+}
+
 struct plan_layout {
   int64_t heads = 0;   // batch * layer_count * H
   int64_t items = 0;   // heads * stride
   int32_t groups = 0;  // second-sort segments: layers (adaptive) or sequences (global)
   bool second = false;
+  int64_t span = 0;            // second sort: ranks per head (adaptive: stride; global: blocks per head)
+  int64_t group_heads = 0;     // heads per group
+  int64_t second_items = 0;    // groups * group_heads * span
+  group_key_format format{};
 };
 
 template <kv_element T>
@@ -119,9 +172,24 @@ template <kv_element T>
   plan_layout l;
   l.heads = static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads;
   l.items = l.heads * a.stride;
-  l.second = a.budget.type == device_budget::kind::adaptive || a.budget.type == device_budget::kind::global_blocks;
-  l.groups = a.budget.type == device_budget::kind::adaptive ? a.batch * a.layer_count : a.batch;
+  const bool adaptive = a.budget.type == device_budget::kind::adaptive;
+  l.second = adaptive || a.budget.type == device_budget::kind::global_blocks;
+  l.groups = adaptive ? a.batch * a.layer_count : a.batch;
+  if (l.second) {
+    l.span = adaptive ? a.stride : ceil_div(a.stride, a.budget.block_size > 0 ? a.budget.block_size : 1);
+    l.group_heads = adaptive ? a.pool.heads : static_cast<int64_t>(a.layer_count) * a.pool.heads;
+    l.second_items = static_cast<int64_t>(l.groups) * l.group_heads * l.span;
+    l.format = group_key_format_of(l.groups, l.group_heads * l.span);
+  }
   return l;
+}
+
+//! CUB's storage for the second sort.
+[[nodiscard]] inline size_t second_sort_bytes(const plan_layout& l) noexcept {
+  if (!l.second) return 0;
+  if (l.format.packed)
+    return workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.second_items, l.format.end_bit()});
+  return workspace_size(segmented_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.second_items, l.groups, nullptr, nullptr});
 }
 
 }  // namespace detail
@@ -141,9 +209,7 @@ template <kv_element T>
   w.take<int32_t>(l.groups * 2);  // total / wanted
   const size_t first = workspace_size(segmented_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items,
                                                                static_cast<int32_t>(l.heads), nullptr, nullptr});
-  const size_t second = l.second ? workspace_size(segmented_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items,
-                                                                           l.groups, nullptr, nullptr})
-                                 : 0;
+  const size_t second = detail::second_sort_bytes(l);
   w.take<char>(static_cast<int64_t>(first > second ? first : second));
   return w.used();
 }
@@ -325,9 +391,11 @@ __global__ void adaptive_keys_kernel(const __grid_constant__ plan_params<T> p) {
     const int32_t idx = static_cast<int32_t>(i - hi * a.stride);
     const int32_t h = static_cast<int32_t>(hi % a.pool.heads);
     const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]), prot = p.protect[hi];
-    uint64_t key = ~uint64_t{0};
+    const int64_t g = hi / a.pool.heads;
+    uint64_t key = p.layout.format.padding(g);
     if (idx >= prot && idx < n)
-      key = (p.keys_out[i] & 0xffffffff00000000ull) | (static_cast<uint64_t>(h) << 24) | static_cast<uint32_t>(idx - prot);
+      key = p.layout.format.encode(g, static_cast<uint32_t>(p.keys_out[i] >> 32),
+                                   static_cast<uint32_t>(static_cast<int64_t>(h) * a.stride + (idx - prot)));
     p.keys_in[i] = key;
     p.values_in[i] = 0;
   }
@@ -335,16 +403,13 @@ __global__ void adaptive_keys_kernel(const __grid_constant__ plan_params<T> p) {
 
 //! Counts, per head, the entries among the first group_total[g] of each sorted group.
 template <kv_element T>
-__global__ void count_top_kernel(const __grid_constant__ plan_params<T> p, bool adaptive, int32_t stride2) {
-  const auto& a = p.args;
+__global__ void count_top_kernel(const __grid_constant__ plan_params<T> p) {
+  const plan_layout& l = p.layout;
   const int32_t g = blockIdx.y;
   const int64_t base = p.group_offsets[g];
   for (int32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < p.group_total[g]; t += gridDim.x * blockDim.x) {
-    const uint64_t key = p.keys2[base + t];
-    const auto low = static_cast<uint32_t>(key);
-    const int64_t head = adaptive ? static_cast<int64_t>(g) * a.pool.heads + (low >> 24)
-                                  : static_cast<int64_t>(g) * a.layer_count * a.pool.heads + low / stride2;
-    atomicAdd(&p.earned[head], 1);
+    const uint32_t local = l.format.local_of(p.keys2[base + t]);
+    atomicAdd(&p.earned[g * l.group_heads + local / l.span], 1);
   }
 }
 
@@ -424,12 +489,13 @@ __global__ void global_keys_kernel(const __grid_constant__ plan_params<T> p, int
     const int32_t limit = prot == 0 ? evictable - 1 : evictable;
     const int32_t hanging = hanging_tokens(n, bs);
     const int32_t removed = k * bs + hanging;
-    uint64_t key = ~uint64_t{0};
+    const int64_t b = hi / heads;
+    uint64_t key = p.layout.format.padding(b);
     if (removed <= limit) {
       const uint64_t sorted = p.keys_out[hi * a.stride + prot + (evictable - removed)];
       const float score = from_ordered_bits(~static_cast<uint32_t>(sorted >> 32));
       const auto local = static_cast<uint32_t>((hi % heads) * max_blocks + k);
-      key = (static_cast<uint64_t>(ordered_bits(score)) << 32) | local;
+      key = p.layout.format.encode(b, ordered_bits(score), local);
     }
     // Entries are laid out [batch][heads * max_blocks]: the same flat index.
     p.keys_in[i] = key;
@@ -498,6 +564,21 @@ __global__ void commit_metrics_kernel(const __grid_constant__ plan_params<T> p) 
 
 }  // namespace detail
 
+namespace detail {
+
+//! keys_in -> keys2 (values alongside), each group ordered by its candidates' keys.
+template <kv_element T>
+[[nodiscard]] status second_sort(const plan_params<T>& p, void* temp, cudaStream_t stream) {
+  const plan_layout& l = p.layout;
+  if (l.format.packed)
+    return radix_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.second_items, l.format.end_bit()}, temp, stream);
+  return segmented_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.second_items, l.groups, p.group_offsets,
+                         p.group_offsets + 1},
+                        temp, stream);
+}
+
+}  // namespace detail
+
 //! Ranks, sizes and flags the kept slots of every head of the batch on `stream`; with an
 //! accumulated source it also stores the new slot metrics. Compaction is compaction.cuh.
 template <kv_element T>
@@ -550,13 +631,9 @@ template <kv_element T>
       KVTRIM_CUDA_TRY(cudaGetLastError());
       detail::adaptive_keys_kernel<T><<<detail::grid_for(l.items, et), et, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
-      if (const status s = segmented_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.items, l.groups,
-                                           p.group_offsets, p.group_offsets + 1},
-                                          sort_temp, stream);
-          s != status::success)
-        return s;
+      if (const status s = detail::second_sort(p, sort_temp, stream); s != status::success) return s;
       const int64_t most = static_cast<int64_t>(a.pool.heads) * a.stride;
-      detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), l.groups), et, 0, stream>>>(p, true, 0);
+      detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), l.groups), et, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
       detail::adaptive_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
@@ -568,13 +645,9 @@ template <kv_element T>
       KVTRIM_CUDA_TRY(cudaGetLastError());
       detail::global_keys_kernel<T><<<detail::grid_for(l.heads * max_blocks, et), et, 0, stream>>>(p, max_blocks);
       KVTRIM_CUDA_TRY(cudaGetLastError());
-      if (const status s = segmented_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.heads * max_blocks, a.batch,
-                                           p.group_offsets, p.group_offsets + 1},
-                                          sort_temp, stream);
-          s != status::success)
-        return s;
+      if (const status s = detail::second_sort(p, sort_temp, stream); s != status::success) return s;
       const int64_t most = static_cast<int64_t>(a.layer_count) * a.pool.heads * max_blocks;
-      detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), a.batch), et, 0, stream>>>(p, false, max_blocks);
+      detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), a.batch), et, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
       detail::global_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());

@@ -107,6 +107,8 @@ inline constexpr int32_t window_keys = 64;     // keys per tile
 inline constexpr int32_t pair_pitch = window_pairs + 4;  // transposed rows, 16-byte aligned
 inline constexpr int32_t key_pitch = window_keys + 4;
 inline constexpr int32_t prob_pitch = window_keys + 1;
+//! Pooling sorts slots by position, a non-negative int32: the low 32 bits are the whole key.
+inline constexpr int32_t position_key_bits = 32;
 
 struct window_layout {
   int32_t per_row = 1;      // query heads per stored head
@@ -165,7 +167,8 @@ template <kv_element T>
   w.take<int64_t>(l.pool ? l.heads : 0);
   w.take<char>(static_cast<int64_t>(
       l.pool ? workspace_size(segmented_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items,
-                                                       static_cast<int32_t>(l.heads), nullptr, nullptr})
+                                                       static_cast<int32_t>(l.heads), nullptr, nullptr,
+                                                       detail::position_key_bits})
              : 0));
   return w.used();
 }
@@ -741,7 +744,7 @@ template <kv_element T>
   detail::position_keys_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads)), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   const segmented_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
-                                      static_cast<int32_t>(l.heads), p.begin, p.end};
+                                      static_cast<int32_t>(l.heads), p.begin, p.end, detail::position_key_bits};
   if (const status s = segmented_sort(sort, w.take<char>(static_cast<int64_t>(workspace_size(sort))), stream);
       s != status::success)
     return s;

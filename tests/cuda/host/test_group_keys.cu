@@ -1,0 +1,82 @@
+// The keys of the planner's second sort (ranking.cuh, group_key_format): packed, one
+// device-wide sort must order them as the segmented sort orders the unpacked ones, i.e. by
+// (group, score bits, local), with each group's padding after its candidates and before the
+// next group. Pure host arithmetic, so it needs no GPU.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "kvtrim/cuda.cuh"
+
+namespace {
+
+namespace cu = kvtrim::cuda;
+
+struct candidate {
+  int64_t group;
+  uint32_t score;
+  uint32_t local;
+  bool padding;
+};
+
+//! The order the segmented sort gives: group first (the segments), then the key.
+bool before(const candidate& x, const candidate& y) {
+  const auto rank = [](const candidate& c) {
+    return std::make_tuple(c.group, c.padding, c.padding ? 0u : c.score, c.padding ? 0u : c.local);
+  };
+  return rank(x) < rank(y);
+}
+
+}  // namespace
+
+TEST_CASE("second-sort keys: packed keys sort as (group, score, local), padding last in its group", "[cuda]") {
+  const int64_t groups = GENERATE(1, 2, 8, 256);
+  const int64_t locals = GENERATE(int64_t{1}, int64_t{1000}, int64_t{8} * 131072);
+  CAPTURE(groups, locals);
+  const cu::detail::group_key_format f = cu::detail::group_key_format_of(groups, locals);
+  REQUIRE(f.packed);  // these shapes fit: group and local bits together at most 32
+  CHECK(f.end_bit() <= 64);
+  CHECK((int64_t{1} << f.local_bits) >= locals);
+  CHECK((int64_t{1} << f.group_bits) >= groups);
+
+  std::mt19937 rng(7);
+  std::vector<candidate> items;
+  for (int i = 0; i < 4000; ++i) {
+    const auto g = std::uniform_int_distribution<int64_t>(0, groups - 1)(rng);
+    // Scores from a few values so that ties on the score are common; all-ones is a NaN's.
+    const auto score = std::uniform_int_distribution<uint32_t>(0, 3)(rng) * 0x40000000u +
+                       std::uniform_int_distribution<uint32_t>(0, 2)(rng);
+    const auto local = std::uniform_int_distribution<uint32_t>(0, static_cast<uint32_t>(locals - 1))(rng);
+    items.push_back({g, score, local, i % 10 == 0});
+  }
+  const auto key = [&](const candidate& c) { return c.padding ? f.padding(c.group) : f.encode(c.group, c.score, c.local); };
+  for (const candidate& c : items)
+    if (!c.padding) CHECK(f.local_of(key(c)) == c.local);
+  // Sorted by key, neighbours must be in the segmented sort's order (equal keys: equal ranks).
+  std::vector<candidate> sorted = items;
+  std::stable_sort(sorted.begin(), sorted.end(), [&](const candidate& x, const candidate& y) { return key(x) < key(y); });
+  int out_of_order = 0, merged = 0;
+  for (size_t i = 0; i + 1 < sorted.size(); ++i) {
+    const candidate& x = sorted[i];
+    const candidate& y = sorted[i + 1];
+    out_of_order += before(y, x) ? 1 : 0;
+    merged += key(x) == key(y) && before(x, y) ? 1 : 0;
+  }
+  CHECK(out_of_order == 0);
+  CHECK(merged == 0);
+  if (f.end_bit() < 64)
+    for (const candidate& c : items) CHECK(key(c) >> f.end_bit() == 0);  // the sort reads end_bit bits only
+}
+
+TEST_CASE("second-sort keys: shapes whose group and local bits pass 32 stay unpacked", "[cuda]") {
+  const cu::detail::group_key_format f = cu::detail::group_key_format_of(int64_t{1} << 12, int64_t{1} << 21);
+  CHECK_FALSE(f.packed);
+  CHECK(f.end_bit() == 64);
+  CHECK(f.encode(5, 0x1234u, 0x89abu) == ((uint64_t{0x1234u} << 32) | 0x89abu));  // the group is the segment's business
+  CHECK(f.local_of(f.encode(5, 0x1234u, 0x89abu)) == 0x89abu);
+  CHECK(f.padding(5) == ~uint64_t{0});
+}
