@@ -2,7 +2,8 @@
 //! \file engine.hpp
 //! The engine loop of kvtrim's design (append -> compress after the prompt -> decode with
 //! scheduled eviction -> free) for one sequence of the llama model, under the two protocols
-//! of policies.hpp. Everything kvtrim-specific an engine does is here and in kvtrim_cache.hpp.
+//! of policies.hpp. Everything kvtrim-specific an engine does is here and in kvtrim_cache.hpp
+//! (kvtrim_cache_cuda.cuh for `Store` = `cuda_paged_cache`, the cache on the GPU).
 
 #include <cstdint>
 #include <functional>

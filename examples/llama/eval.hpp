@@ -2,7 +2,8 @@
 //! \file eval.hpp
 //! Teacher-forced evaluation of every (protocol, method, budget) on the TinyStories windows of
 //! text_stream.hpp, against the full cache: perplexity, top-1 agreement with the full cache,
-//! KV bytes held and throughput (docs/llama-demo.md explains each column).
+//! KV bytes held and throughput (docs/llama-demo.md explains each column). `Store` is the kvtrim
+//! store every run's cache uses (kvtrim_cache.hpp; the GPU's in kvtrim_cache_cuda.cuh).
 
 #include <algorithm>
 #include <atomic>
@@ -92,12 +93,13 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-inline reference_run run_reference(const checkpoint& model, const std::vector<std::vector<int>>& windows) {
+template <kvtrim::kv_store Store>
+reference_run run_reference(const checkpoint& model, const std::vector<std::vector<int>>& windows) {
   reference_run ref;
   const auto t0 = std::chrono::steady_clock::now();
   with_policy(method::full, 0, protocol::streaming, [&](auto policy) {
-    sequence_engine engine(model, method::full, model.cfg().seq_len, protocol::streaming, std::move(policy),
-                           model.cfg().seq_len);
+    sequence_engine<decltype(policy), Store> engine(model, method::full, model.cfg().seq_len, protocol::streaming,
+                                                    std::move(policy), model.cfg().seq_len);
     for (const std::vector<int>& w : windows) {
       engine.start();
       auto& am = ref.argmax.emplace_back();
@@ -117,12 +119,14 @@ inline reference_run run_reference(const checkpoint& model, const std::vector<st
 }
 
 //! Runs one (protocol, method, budget) over every window.
-inline eval_row run_job(const checkpoint& model, const std::vector<std::vector<int>>& windows,
-                        const reference_run& ref, const eval_job& job, kept_snapshot* kept) {
+template <kvtrim::kv_store Store>
+eval_row run_job(const checkpoint& model, const std::vector<std::vector<int>>& windows, const reference_run& ref,
+                 const eval_job& job, kept_snapshot* kept) {
   eval_row row{.job = job};
   const config& c = model.cfg();
   with_policy(job.meth, job.budget, job.proto, [&](auto policy) {
-    sequence_engine engine(model, job.meth, job.budget, job.proto, std::move(policy), c.seq_len);
+    sequence_engine<decltype(policy), Store> engine(model, job.meth, job.budget, job.proto, std::move(policy),
+                                                    c.seq_len);
     const auto t0 = std::chrono::steady_clock::now();
     for (std::size_t wi = 0; wi < windows.size(); ++wi) {
       const std::vector<int>& w = windows[wi];
@@ -184,11 +188,11 @@ inline eval_row full_row(protocol p, const detail::reference_run& ref, const con
 
 //! Evaluates the full cache and every (protocol, method, budget) on `windows`, running jobs on
 //! `opt.threads` threads. Throws the first job's error, if any.
-inline eval_result evaluate(const checkpoint& model, const std::vector<std::vector<int>>& windows,
-                            const eval_options& opt) {
+template <kvtrim::kv_store Store = kvtrim::paged_cache<float>>
+eval_result evaluate(const checkpoint& model, const std::vector<std::vector<int>>& windows, const eval_options& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   eval_result result;
-  const detail::reference_run ref = detail::run_reference(model, windows);
+  const detail::reference_run ref = detail::run_reference<Store>(model, windows);
 
   std::vector<eval_job> jobs;
   for (const protocol p : opt.protocols)
@@ -210,7 +214,7 @@ inline eval_result evaluate(const checkpoint& model, const std::vector<std::vect
       const eval_job& j = jobs[i];
       const bool record = opt.record_kept && j.proto == opt.kept_protocol && j.budget == opt.kept_budget;
       try {
-        rows[i] = detail::run_job(model, windows, ref, j, record ? &kept[i] : nullptr);
+        rows[i] = detail::run_job<Store>(model, windows, ref, j, record ? &kept[i] : nullptr);
         if (record) kept[i] = {j.meth, j.budget, j.proto, kept[i].columns, std::move(kept[i].positions)};
       } catch (...) {
         const std::lock_guard lock(failure_mutex);

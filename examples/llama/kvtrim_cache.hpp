@@ -10,7 +10,9 @@
 //! The store is a template parameter: `kvtrim::paged_cache<float>` (default) or
 //! `kvtrim::dense_view<float>` over buffers the example owns (a contiguous engine cache;
 //! eviction compacts, the allocation stays). What the example needs of a store beyond the
-//! session (building it, bytes held, kept positions) is in `store_traits` below.
+//! session (building it, bytes held, kept positions) is in `store_traits` below; what every
+//! store shares (the readers, the ring of recent queries) is `kvtrim_cache_base`, which the
+//! GPU variant (kvtrim_cache_cuda.cuh) shares too.
 
 #include <algorithm>
 #include <cstddef>
@@ -43,39 +45,48 @@ inline constexpr int paged_block_size = 4;
 template <class Store>
 struct store_traits;
 
-template <>
-struct store_traits<kvtrim::paged_cache<float>> {
-  using store = kvtrim::paged_cache<float>;
-  struct backing {};  // the paged cache owns its pool
-  //! A pool sized for a full cache of `capacity` tokens in every (layer, KV head).
-  static store make(backing&, const kvtrim::attention_shape& shape, int capacity) {
-    const int blocks_per_head = (capacity + paged_block_size - 1) / paged_block_size;
-    const kvtrim::paged_cache_config pc{.shape = shape,
-                                        .block_size = paged_block_size,
-                                        .num_blocks = shape.layers * shape.kv_heads * blocks_per_head,
-                                        .max_sequences = 1,
-                                        .max_tokens_per_head = capacity};
-    store s;
-    check(store::create(pc, s), "kvtrim::paged_cache::create");
-    return s;
-  }
+//! A paged pool sized for a full cache of `capacity` tokens in every (layer, KV head).
+inline kvtrim::paged_cache_config paged_config(const kvtrim::attention_shape& shape, int capacity) {
+  const int blocks_per_head = (capacity + paged_block_size - 1) / paged_block_size;
+  return {.shape = shape,
+          .block_size = paged_block_size,
+          .num_blocks = shape.layers * shape.kv_heads * blocks_per_head,
+          .max_sequences = 1,
+          .max_tokens_per_head = capacity};
+}
+
+//! What the example reads of a paged cache of fp32, in host or device memory: the pool's block
+//! accounting (host metadata) and the positions of a head (read_head).
+template <class Store>
+struct paged_store_reads {
   //! K and V (fp32) of the blocks the pool has lent out: whole blocks, so a head's partly
   //! filled last block counts in full (the 8 bytes of position and metric a slot are not included).
-  static std::int64_t kv_bytes(const store& s) {
+  static std::int64_t kv_bytes(const Store& s) {
     return s.pool().used_blocks * s.block_size() * 2 * s.head_dim() * static_cast<std::int64_t>(sizeof(float));
   }
   //! kv_bytes() of an uncompressed cache of `tokens` in every head.
-  static std::int64_t full_kv_bytes(const store& s, int tokens) {
+  static std::int64_t full_kv_bytes(const Store& s, int tokens) {
     const std::int64_t blocks = (tokens + s.block_size() - 1) / s.block_size();
     return blocks * s.shape().layers * s.shape().kv_heads * s.block_size() * 2 * s.head_dim() *
            static_cast<std::int64_t>(sizeof(float));
   }
-  static std::vector<int32_t> positions(const store& s, int layer, int head) {
+  static std::vector<int32_t> positions(const Store& s, int layer, int head) {
     const auto n = static_cast<std::size_t>(s.head_length(0, layer, head));
     std::vector<int32_t> p(n);
     std::vector<float> keys(n * static_cast<std::size_t>(s.head_dim())), metric(n);
-    check(s.read_head(0, layer, head, p, keys, metric), "kvtrim::paged_cache::read_head");
+    check(s.read_head(0, layer, head, p, keys, metric), "kvtrim read_head");
     return p;
+  }
+};
+
+template <>
+struct store_traits<kvtrim::paged_cache<float>> : paged_store_reads<kvtrim::paged_cache<float>> {
+  using store = kvtrim::paged_cache<float>;
+  struct backing {};  // the paged cache owns its pool
+  static store make(backing&, const kvtrim::attention_shape& shape, int capacity) {
+    store s;
+    check(store::create(paged_config(shape, capacity), s), "kvtrim::paged_cache::create");
+    return s;
   }
 };
 
@@ -121,45 +132,18 @@ struct store_traits<kvtrim::dense_view<float>> {
   }
 };
 
-template <kvtrim::compression_policy Policy, kvtrim::kv_store Store = kvtrim::paged_cache<float>>
-class kvtrim_cache {
+//! What the kvtrim caches of the example share, whatever runs them: the store of the one
+//! sequence, what the engine and the evaluation read of it, the attention-metric switch, and
+//! the ring of recent queries that compress() passes as the observation window.
+template <kvtrim::kv_store Store>
+class kvtrim_cache_base {
  public:
   using traits = store_traits<Store>;
   static constexpr int64_t seq = 0;  //!< the one sequence this cache serves
 
-  //! `capacity`: tokens per head the store can hold; `observed`: how many of the most recent
-  //! queries of each layer `compress()` passes as the observation window (0: none).
-  kvtrim_cache(const config& c, Policy policy, int capacity, int observed)
-      : shape_(attention_shape_of(c)),
-        store_(traits::make(backing_, shape_, capacity)),
-        session_(store_, shape_, policy),
-        observed_(observed),
-        ring_queries_(static_cast<std::size_t>(shape_.layers) * static_cast<std::size_t>(std::max(observed, 1)) *
-                      q_width()) {
-    check(session_.add_sequence(seq), "kvtrim::compression_session::add_sequence");
-  }
-  // The session points at store_.
-  kvtrim_cache(const kvtrim_cache&) = delete;
-  kvtrim_cache& operator=(const kvtrim_cache&) = delete;
-
-  // ---- the kv_cache contract (forward.hpp)
-  void append(int layer, int pos, std::span<const float> k, std::span<const float> v) {
-    const int32_t position = pos;
-    check(session_.append(seq, layer, std::span<const int32_t>(&position, 1), k, v),
-          "kvtrim append at position " + std::to_string(pos));
-    if (layer == 0) last_position_ = pos;
-  }
-  void attend(int layer, std::span<const float> q, std::span<float> out) {
-    if (accumulate_) {
-      check(session_.attend(seq, layer, q, out), "kvtrim decode attention");
-    } else {
-      // Prompt attention that records no metric (KV-Compress scores the prompt from its
-      // observation window instead), as an engine's prefill kernel would.
-      check(kvtrim::cpu::decode_attention(store_, seq, layer, shape_.q_heads, q, out, kvtrim::decode_accumulation::none,
-                                          kvtrim::gqa_reduce::mean, scratch_),
-            "kvtrim prompt attention");
-    }
-  }
+  // The store may point into backing_.
+  kvtrim_cache_base(const kvtrim_cache_base&) = delete;
+  kvtrim_cache_base& operator=(const kvtrim_cache_base&) = delete;
 
   //! The query hook of `forward`: keeps the last `observed` post-RoPE queries of each layer.
   void observe(int layer, int pos, std::span<const float> q) {
@@ -178,39 +162,6 @@ class kvtrim_cache {
   //! Whether attention adds to the slot metrics what the policy's metric asks for (H2O p,
   //! KV-Compress p^2); off, attention records nothing.
   void set_accumulation(bool on) { accumulate_ = on; }
-
-  //! Runs the policy over every layer now (the session's compression step). With
-  //! `use_observation`, the metric sees the last `observed` queries of each layer (all that
-  //! were seen, if fewer); freed blocks return to the pool.
-  void compress(bool use_observation) {
-    std::vector<float>& q = obs_queries_;
-    std::vector<int32_t>& pos = obs_positions_;
-    q.clear();
-    pos.clear();
-    if (use_observation && observed_rows_ > 0) {
-      const int rows = observed_rows_;
-      for (int r = 0; r < rows; ++r) pos.push_back(last_position_ - rows + 1 + r);
-      q.resize(static_cast<std::size_t>(shape_.layers) * static_cast<std::size_t>(rows) * q_width());
-      for (int l = 0; l < shape_.layers; ++l)
-        for (int r = 0; r < rows; ++r) {
-          const auto src = (static_cast<std::size_t>(l) * observed_ +
-                            static_cast<std::size_t>(pos[static_cast<std::size_t>(r)] % observed_)) * q_width();
-          const auto dst = (static_cast<std::size_t>(l) * rows + static_cast<std::size_t>(r)) * q_width();
-          std::copy_n(ring_queries_.begin() + static_cast<std::ptrdiff_t>(src), q_width(),
-                      q.begin() + static_cast<std::ptrdiff_t>(dst));
-        }
-    }
-    check(session_.compress(seq, kvtrim::cpu::observation{q, pos}), "kvtrim compression");
-  }
-
-  //! Frees the sequence (its blocks return to the pool) and starts a new one at position 0.
-  void clear() {
-    check(session_.free_sequence(seq), "kvtrim::compression_session::free_sequence");
-    check(session_.add_sequence(seq), "kvtrim::compression_session::add_sequence");
-    observed_rows_ = 0;
-    last_position_ = -1;
-    accumulate_ = true;
-  }
 
   // ---- what the engine and the evaluation read
   [[nodiscard]] const kvtrim::attention_shape& shape() const noexcept { return shape_; }
@@ -248,7 +199,52 @@ class kvtrim_cache {
     return kept;
   }
 
- private:
+ protected:
+  //! `capacity`: tokens per head the store can hold; `observed`: how many of the most recent
+  //! queries of each layer observation() passes (0: none).
+  kvtrim_cache_base(const config& c, int capacity, int observed)
+      : shape_(attention_shape_of(c)),
+        store_(traits::make(backing_, shape_, capacity)),
+        observed_(observed),
+        ring_queries_(static_cast<std::size_t>(shape_.layers) * static_cast<std::size_t>(std::max(observed, 1)) *
+                      q_width()) {}
+
+  //! Records an append (the newest position is the observation window's last).
+  void appended(int layer, int pos) {
+    if (layer == 0) last_position_ = pos;
+  }
+
+  //! The observation window of a compression, in host memory: with `use_observation`, the last
+  //! `observed` queries of each layer (all that were seen, if fewer), else none. Valid until
+  //! the next call.
+  [[nodiscard]] kvtrim::cpu::observation observation(bool use_observation) {
+    std::vector<float>& q = obs_queries_;
+    std::vector<int32_t>& pos = obs_positions_;
+    q.clear();
+    pos.clear();
+    if (use_observation && observed_rows_ > 0) {
+      const int rows = observed_rows_;
+      for (int r = 0; r < rows; ++r) pos.push_back(last_position_ - rows + 1 + r);
+      q.resize(static_cast<std::size_t>(shape_.layers) * static_cast<std::size_t>(rows) * q_width());
+      for (int l = 0; l < shape_.layers; ++l)
+        for (int r = 0; r < rows; ++r) {
+          const auto src = (static_cast<std::size_t>(l) * observed_ +
+                            static_cast<std::size_t>(pos[static_cast<std::size_t>(r)] % observed_)) * q_width();
+          const auto dst = (static_cast<std::size_t>(l) * rows + static_cast<std::size_t>(r)) * q_width();
+          std::copy_n(ring_queries_.begin() + static_cast<std::ptrdiff_t>(src), q_width(),
+                      q.begin() + static_cast<std::ptrdiff_t>(dst));
+        }
+    }
+    return {q, pos};
+  }
+
+  //! Forgets the queries and positions of the previous sequence.
+  void restart() {
+    observed_rows_ = 0;
+    last_position_ = -1;
+    accumulate_ = true;
+  }
+
   [[nodiscard]] std::size_t q_width() const noexcept {
     return static_cast<std::size_t>(shape_.q_heads) * static_cast<std::size_t>(shape_.head_dim);
   }
@@ -256,15 +252,71 @@ class kvtrim_cache {
   kvtrim::attention_shape shape_;
   typename traits::backing backing_;  // memory the store views, if it does not own it
   Store store_;
-  kvtrim::compression_session<Policy, Store> session_;
   int observed_;                        // rows of the observation window
+  bool accumulate_ = true;              // attention accumulates the policy's slot metric
+
+ private:
   int observed_rows_ = 0;               // rows seen so far, at most observed_
   int last_position_ = -1;              // newest appended position
-  bool accumulate_ = true;              // attention goes through the session (metrics accumulate)
   std::vector<float> ring_queries_;     // [L][observed][Hq][d], row = position % observed
-  std::vector<float> obs_queries_;      // [L][rows][Hq][d] gathered for compress()
+  std::vector<float> obs_queries_;      // [L][rows][Hq][d] gathered by observation()
   std::vector<int32_t> obs_positions_;  // [rows]
-  std::vector<float> scratch_;          // [G][n] probabilities of the prompt attention
+};
+
+//! The cache over a host store: kvtrim's CPU backend, through one compression session.
+template <kvtrim::compression_policy Policy, kvtrim::kv_store Store = kvtrim::paged_cache<float>>
+class kvtrim_cache : public kvtrim_cache_base<Store> {
+  using base = kvtrim_cache_base<Store>;
+  using base::accumulate_;
+  using base::shape_;
+  using base::store_;
+
+ public:
+  using base::seq;
+
+  //! `capacity`: tokens per head the store can hold; `observed`: how many of the most recent
+  //! queries of each layer `compress()` passes as the observation window (0: none).
+  kvtrim_cache(const config& c, Policy policy, int capacity, int observed)
+      : base(c, capacity, observed), session_(store_, shape_, policy) {
+    check(session_.add_sequence(seq), "kvtrim::compression_session::add_sequence");
+  }
+
+  // ---- the kv_cache contract (forward.hpp)
+  void append(int layer, int pos, std::span<const float> k, std::span<const float> v) {
+    const int32_t position = pos;
+    check(session_.append(seq, layer, std::span<const int32_t>(&position, 1), k, v),
+          "kvtrim append at position " + std::to_string(pos));
+    this->appended(layer, pos);
+  }
+  void attend(int layer, std::span<const float> q, std::span<float> out) {
+    if (accumulate_) {
+      check(session_.attend(seq, layer, q, out), "kvtrim decode attention");
+    } else {
+      // Prompt attention that records no metric (KV-Compress scores the prompt from its
+      // observation window instead), as an engine's prefill kernel would.
+      check(kvtrim::cpu::decode_attention(store_, seq, layer, shape_.q_heads, q, out, kvtrim::decode_accumulation::none,
+                                          kvtrim::gqa_reduce::mean, scratch_),
+            "kvtrim prompt attention");
+    }
+  }
+
+  //! Runs the policy over every layer now (the session's compression step). With
+  //! `use_observation`, the metric sees the last `observed` queries of each layer (all that
+  //! were seen, if fewer); freed blocks return to the pool.
+  void compress(bool use_observation) {
+    check(session_.compress(seq, this->observation(use_observation)), "kvtrim compression");
+  }
+
+  //! Frees the sequence (its blocks return to the pool) and starts a new one at position 0.
+  void clear() {
+    check(session_.free_sequence(seq), "kvtrim::compression_session::free_sequence");
+    check(session_.add_sequence(seq), "kvtrim::compression_session::add_sequence");
+    this->restart();
+  }
+
+ private:
+  kvtrim::compression_session<Policy, Store> session_;
+  std::vector<float> scratch_;  // [G][n] probabilities of the prompt attention
 };
 
 }  // namespace llama

@@ -1,4 +1,5 @@
-// kvtrim-llama: the stories260K Llama model run with every kvtrim policy on the CPU backend.
+// kvtrim-llama: the stories260K Llama model run with every kvtrim policy, kvtrim's cache on the
+// CPU backend or (--device cuda, where built with CUDA) on the GPU.
 //
 //   kvtrim-llama eval                      # full cache + six presets x budgets 36, 68, 132, both protocols
 //   kvtrim-llama eval --csv --protocol prefill --policies snapkv,ada_kv --budgets 64
@@ -8,7 +9,6 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -21,9 +21,9 @@
 #include <vector>
 
 #include "checkpoint.hpp"
-#include "engine.hpp"
+#include "device.hpp"
 #include "eval.hpp"
-#include "math.hpp"
+#include "generate.hpp"
 #include "policies.hpp"
 #include "svg.hpp"
 #include "text_stream.hpp"
@@ -79,12 +79,17 @@ void add_common(CLI::App* app, common_options& o) {
       ->capture_default_str();
 }
 
-//! The CUDA backend does not exist yet; `--device cuda` must say so rather than run on the CPU.
-void check_device(const common_options& o) {
-  if (o.device == "cuda")
-    throw usage_error(
-        "--device cuda: the CUDA backend is not built into this kvtrim-llama (it runs kvtrim's CPU "
-        "backend only); use --device cpu");
+//! The commands on the device `--device` names. Without the CUDA part (CMake built no CUDA)
+//! `--device cuda` says so rather than run on the CPU.
+llama::device_runs runs_for(const common_options& o) {
+  if (o.device == "cpu") return llama::runs_on<kvtrim::paged_cache<float>>();
+#if KVTRIM_LLAMA_CUDA
+  return llama::cuda_runs();
+#else
+  throw usage_error(
+      "--device cuda: the CUDA backend is not built into this kvtrim-llama (it runs kvtrim's CPU "
+      "backend only); use --device cpu");
+#endif
 }
 
 llama::method method_or_throw(const std::string& name) {
@@ -153,7 +158,7 @@ void print_csv(const llama::eval_result& r) {
 }
 
 int run_eval(const common_options& common, const eval_cli& cli) {
-  check_device(common);
+  const llama::device_runs device = runs_for(common);
   std::vector<llama::method> methods;
   for (const std::string& name : cli.policies) {
     const llama::method m = method_or_throw(name);
@@ -187,7 +192,7 @@ int run_eval(const common_options& common, const eval_cli& cli) {
                           ? llama::protocol::prefill
                           : llama::protocol::streaming;
   opt.kept_budget = svg_budget;
-  const llama::eval_result result = llama::evaluate(lm.model, windows, opt);
+  const llama::eval_result result = device.evaluate(lm.model, windows, opt);
 
   if (cli.csv)
     print_csv(result);
@@ -216,7 +221,7 @@ int run_eval(const common_options& common, const eval_cli& cli) {
 }
 
 int run_generate(const common_options& common, const generate_cli& cli) {
-  check_device(common);
+  const llama::device_runs device = runs_for(common);
   const llama::method m = method_or_throw(cli.policy);
   const llama::protocol p = protocols_of(cli.protocol).front();
   const loaded_model lm(common);
@@ -228,51 +233,38 @@ int run_generate(const common_options& common, const generate_cli& cli) {
     throw usage_error("the prompt has " + std::to_string(prompt.size()) + " tokens; the model's context is " +
                       std::to_string(c.seq_len));
 
-  return llama::with_policy(m, budget, p, [&](auto policy) {
-    llama::sequence_engine engine(lm.model, m, budget, p, std::move(policy), c.seq_len);
-    const auto t0 = std::chrono::steady_clock::now();
-    std::span<const float> logits;
-    int pos = 0;
-    for (; pos < static_cast<int>(prompt.size()); ++pos) logits = engine.step(prompt[static_cast<std::size_t>(pos)], pos);
-    engine.end_prompt();
-    std::string text = cli.prompt;
-    int prev = prompt.back();
-    for (int generated = 0; generated < cli.steps && pos < c.seq_len; ++generated, ++pos) {
-      const int next = llama::argmax(logits);
-      if (next == llama::tokenizer::bos_id || next == llama::tokenizer::eos_id) break;
-      text += lm.tok.decode(prev, next);
-      prev = next;
-      logits = engine.step(next, pos);
-    }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const auto full = static_cast<double>(engine.cache().full_kv_bytes(pos));
-    const auto bytes = static_cast<double>(engine.cache().kv_bytes());
-    std::printf("%s\n\n", text.c_str());
-    std::printf("[%s, budget %d, %s protocol] %d tokens (%d prompt), compressions: %d, %.0f tokens/s\n",
-                std::string(llama::to_string(m)).c_str(), budget, std::string(llama::to_string(p)).c_str(), pos,
-                static_cast<int>(prompt.size()), engine.compressions(), pos / std::max(seconds, 1e-9));
-    std::printf("KV memory in use: %s bytes of K+V (fp32) against %s bytes for the full cache (%.1f%%)\n",
-                thousands(bytes).c_str(), thousands(full).c_str(), 100.0 * bytes / full);
-    if (!cli.svg.empty()) {
-      llama::heatmap map{.title = "Kept positions after generating " + std::to_string(pos) + " tokens",
-                         .subtitle = "Rows: (layer, KV head), layer 0 at the top, " + std::to_string(c.n_kv_heads) +
-                                     " KV heads each. Columns: positions. Filled: still in the cache.",
-                         .layers = c.n_layers, .kv_heads = c.n_kv_heads, .panels = {}};
-      map.panels.push_back({std::string(llama::to_string(m)) + ", budget " + std::to_string(budget) + ", " +
-                                std::string(llama::to_string(p)) + " protocol",
-                            pos, engine.cache().kept_positions()});
-      llama::write_svg(cli.svg, map);
-      std::fflush(stdout);
-      std::fprintf(stderr, "kvtrim-llama generate: wrote %s\n", cli.svg.c_str());
-    }
-    return 0;
-  }, c.seq_len);
+  const llama::generation g =
+      device.generate(lm.model, {.meth = m, .budget = budget, .proto = p, .prompt = prompt, .steps = cli.steps});
+  const int pos = static_cast<int>(g.tokens.size());
+  std::string text = cli.prompt;
+  for (std::size_t i = prompt.size(); i < g.tokens.size(); ++i) text += lm.tok.decode(g.tokens[i - 1], g.tokens[i]);
+  const auto full = static_cast<double>(g.full_kv_bytes);
+  const auto bytes = static_cast<double>(g.kv_bytes);
+  std::printf("%s\n\n", text.c_str());
+  std::printf("[%s, budget %d, %s protocol] %d tokens (%d prompt), compressions: %d, %.0f tokens/s\n",
+              std::string(llama::to_string(m)).c_str(), budget, std::string(llama::to_string(p)).c_str(), pos,
+              static_cast<int>(prompt.size()), g.compressions, pos / std::max(g.seconds, 1e-9));
+  std::printf("KV memory in use: %s bytes of K+V (fp32) against %s bytes for the full cache (%.1f%%)\n",
+              thousands(bytes).c_str(), thousands(full).c_str(), 100.0 * bytes / full);
+  if (!cli.svg.empty()) {
+    llama::heatmap map{.title = "Kept positions after generating " + std::to_string(pos) + " tokens",
+                       .subtitle = "Rows: (layer, KV head), layer 0 at the top, " + std::to_string(c.n_kv_heads) +
+                                   " KV heads each. Columns: positions. Filled: still in the cache.",
+                       .layers = c.n_layers, .kv_heads = c.n_kv_heads, .panels = {}};
+    map.panels.push_back({std::string(llama::to_string(m)) + ", budget " + std::to_string(budget) + ", " +
+                              std::string(llama::to_string(p)) + " protocol",
+                          pos, g.kept});
+    llama::write_svg(cli.svg, map);
+    std::fflush(stdout);
+    std::fprintf(stderr, "kvtrim-llama generate: wrote %s\n", cli.svg.c_str());
+  }
+  return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"kvtrim-llama: the stories260K Llama model with every kvtrim KV-cache policy (CPU backend)"};
+  CLI::App app{"kvtrim-llama: the stories260K Llama model with every kvtrim KV-cache policy"};
   app.require_subcommand(1);
   common_options common;
   eval_cli ev;

@@ -1,7 +1,7 @@
 // The kvtrim-llama command line: what it prints on success, and a clear error with a non-zero
 // exit status for every bad input (missing or truncated checkpoint, wrong header, tokenizer
 // mismatch, unknown policy, budgets too large or below the protected set, unreadable text,
-// --device cuda without the CUDA backend).
+// --device cuda without the CUDA backend or without a GPU).
 
 #include <sys/wait.h>
 
@@ -23,6 +23,9 @@
 #endif
 #ifndef KVTRIM_SHARED_DIR
 #error "KVTRIM_SHARED_DIR must name the shared folder (set by tests/llama/CMakeLists.txt)"
+#endif
+#ifndef KVTRIM_LLAMA_CUDA
+#error "KVTRIM_LLAMA_CUDA must say whether kvtrim-llama has the CUDA backend (set by tests/llama/CMakeLists.txt)"
 #endif
 
 namespace fs = std::filesystem;
@@ -195,11 +198,23 @@ TEST_CASE("unreadable or too-short text is a clear error", "[llama][cli][errors]
                 {"error", "short.txt", "holds 0 windows", "--windows 4"});
 }
 
+#if KVTRIM_LLAMA_CUDA
+TEST_CASE("device cuda runs on a GPU, or says clearly that there is none", "[llama][cli][errors]") {
+  const run_result r = run("eval --device cuda --csv --windows 1 --protocol prefill --policies snapkv --budgets 36");
+  if (r.status == 0) {
+    CHECK_THAT(r.output, Contains("prefill,snapkv,36,"));
+  } else {
+    require_error(r, {"--device cuda", "no usable CUDA device", "cudaGetDeviceCount"});
+  }
+  require_error(run("eval --device tpu"), {"--device"});
+}
+#else
 TEST_CASE("device cuda fails clearly without the CUDA backend", "[llama][cli][errors]") {
   require_error(run("eval --device cuda"), {"--device cuda", "CUDA backend is not built"});
   require_error(run("generate --device cuda"), {"CUDA backend is not built"});
   require_error(run("eval --device tpu"), {"--device"});
 }
+#endif
 
 TEST_CASE("a heatmap budget that is not evaluated is a clear error", "[llama][cli][errors]") {
   require_error(run("eval --budgets 36,68 --svg-budget 40 --svg /dev/null"),
