@@ -48,22 +48,34 @@ struct append_params {
   append_arguments<T> args;
 };
 
-template <kv_element T>
+//! One thread per `Chunk` of a row (16 bytes where rows and pointers allow, else one element):
+//! a prefill chunk moves as wide loads and stores, not element by element.
+template <kv_element T, class Chunk>
 __global__ void append_kernel(const __grid_constant__ append_params<T> p) {
+  static_assert(sizeof(Chunk) % sizeof(T) == 0);
   const auto& a = p.args;
   const int64_t d = a.pool.head_dim;
-  const int64_t total = a.rows * d;
+  const int64_t chunks = d / static_cast<int64_t>(sizeof(Chunk) / sizeof(T));
+  const int64_t total = a.rows * chunks;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / d, c = i - r * d;
+    const int64_t r = i / chunks, c = i - r * chunks;
     const int64_t slot = a.slots[r];
-    a.pool.keys[slot * d + c] = a.keys[i];
-    a.pool.values[slot * d + c] = a.values[i];
+    reinterpret_cast<Chunk*>(a.pool.keys + slot * d)[c] = reinterpret_cast<const Chunk*>(a.keys + r * d)[c];
+    reinterpret_cast<Chunk*>(a.pool.values + slot * d)[c] = reinterpret_cast<const Chunk*>(a.values + r * d)[c];
     if (c == 0) {
       a.pool.positions[slot] = a.positions[(r / a.heads) % a.tokens];
       a.pool.metrics[slot] = 0.f;
     }
   }
+}
+
+//! Whether every row of every array starts 16-byte aligned.
+template <kv_element T>
+[[nodiscard]] bool rows_aligned_16(const append_arguments<T>& a) noexcept {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return (static_cast<int64_t>(a.pool.head_dim) * static_cast<int64_t>(sizeof(T))) % 16 == 0 && aligned(a.pool.keys) &&
+         aligned(a.pool.values) && aligned(a.keys) && aligned(a.values);
 }
 
 }  // namespace detail
@@ -74,7 +86,12 @@ template <kv_element T>
   if (const status s = can_implement(a); s != status::success) return s;
   if (a.rows == 0) return status::success;
   const int32_t threads = default_tuning.elementwise.threads;
-  detail::append_kernel<T><<<detail::grid_for(a.rows * a.pool.head_dim, threads), threads, 0, stream>>>({a});
+  if (detail::rows_aligned_16(a)) {
+    const int64_t chunks = a.rows * a.pool.head_dim * static_cast<int64_t>(sizeof(T)) / 16;
+    detail::append_kernel<T, uint4><<<detail::grid_for(chunks, threads), threads, 0, stream>>>({a});
+  } else {
+    detail::append_kernel<T, T><<<detail::grid_for(a.rows * a.pool.head_dim, threads), threads, 0, stream>>>({a});
+  }
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
 }
