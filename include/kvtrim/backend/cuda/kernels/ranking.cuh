@@ -220,21 +220,21 @@ template <kv_element T>
 struct plan_params {
   plan_arguments<T> args;
   plan_layout layout;
-  uint64_t* keys_in;
-  uint64_t* keys_out;   // sorted: protected first, then candidates best first
-  uint64_t* keys2;
-  int32_t* values_in;
-  int32_t* values_out;  // slot of each sorted entry
-  int32_t* values2;
-  int64_t* begin;
-  int64_t* end;
-  int64_t* group_offsets;  // [groups + 1]
-  int32_t* next;        // [heads] one past the newest position
-  int32_t* protect;     // [heads] protected slots
-  int32_t* select;      // [heads] candidates kept (allocator)
-  int32_t* earned;      // [heads] Ada-KV share / KV-Compress evicted blocks
-  int32_t* group_total; // [groups] Ada-KV total / KV-Compress wanted
-  int32_t* group_flag;  // [groups] Ada-KV: compress this layer
+  uint64_t* keys_in = nullptr;
+  uint64_t* keys_out = nullptr;   // sorted: protected first, then candidates best first
+  uint64_t* keys2 = nullptr;
+  int32_t* values_in = nullptr;
+  int32_t* values_out = nullptr;  // slot of each sorted entry
+  int32_t* values2 = nullptr;
+  int64_t* begin = nullptr;
+  int64_t* end = nullptr;
+  int64_t* group_offsets = nullptr;  // [groups + 1]
+  int32_t* next = nullptr;        // [heads] one past the newest position
+  int32_t* protect = nullptr;     // [heads] protected slots
+  int32_t* select = nullptr;      // [heads] candidates kept (allocator)
+  int32_t* earned = nullptr;      // [heads] Ada-KV share / KV-Compress evicted blocks
+  int32_t* group_total = nullptr; // [groups] Ada-KV total / KV-Compress wanted
+  int32_t* group_flag = nullptr;  // [groups] Ada-KV: compress this layer
 };
 
 __device__ __forceinline__ void report(int32_t* error, status s) {

@@ -179,17 +179,17 @@ template <kv_element T>
 struct window_params {
   window_score_arguments<T> args;
   window_layout layout;
-  float sqrt_d;
-  float* partial;
-  float* stats;
-  float* agg;
-  float* pooled;
-  uint64_t* keys_in;
-  uint64_t* keys_out;
-  int32_t* values_in;
-  int32_t* values_out;
-  int64_t* begin;
-  int64_t* end;
+  float sqrt_d = 0.f;
+  float* partial = nullptr;
+  float* stats = nullptr;
+  float* agg = nullptr;
+  float* pooled = nullptr;
+  uint64_t* keys_in = nullptr;
+  uint64_t* keys_out = nullptr;
+  int32_t* values_in = nullptr;
+  int32_t* values_out = nullptr;
+  int64_t* begin = nullptr;
+  int64_t* end = nullptr;
 };
 
 //! Decodes blockIdx.z = (b * layer_count + l') and blockIdx.y = h into the flat head and the
