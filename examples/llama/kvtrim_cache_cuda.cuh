@@ -131,7 +131,8 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
         obs_positions_(static_cast<std::size_t>(observed) * sizeof(int32_t)),
         decode_workspace_(
             std::max(decode_bytes(kvtrim::decode_accumulation::none), decode_bytes(policy_.metric.decode()))),
-        compress_workspace_(compress_bytes()) {
+        on_device_(kvtrim::cuda::supports<float>(policy_, shape_) == kvtrim::status::success),
+        compress_workspace_(on_device_ ? compress_bytes() : 0) {
     check_device(store_.add_sequence(seq), "kvtrim::device_paged_cache::add_sequence");
   }
 
@@ -164,7 +165,7 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
   //! queries (copied to the device) are its observation window. Freed blocks return to the pool.
   void compress(bool use_observation) {
     const kvtrim::cpu::observation obs = observation(use_observation);
-    if (compress_workspace_.bytes() == 0) {
+    if (!on_device_) {
       // The CUDA backend does not implement this policy (the demo's streaming PyramidKV, whose
       // allocator policies.hpp defines): kvtrim's CPU planner reads the device cache through
       // the mover, and the cache applies the plan on the device.
@@ -209,8 +210,7 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
   [[nodiscard]] std::size_t decode_bytes(kvtrim::decode_accumulation acc) const {
     return kvtrim::cuda::decode_workspace_size(store_, 1, shape_.q_heads, acc);
   }
-  //! The most any compression needs (0 to `observed_` window rows); 0 if the CUDA backend does
-  //! not implement the policy.
+  //! The most any compression needs (0 to `observed_` window rows).
   [[nodiscard]] std::size_t compress_bytes() const {
     std::size_t most = 0;
     for (int rows = 0; rows <= observed_; ++rows)
@@ -222,7 +222,9 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
   device_memory k_, v_;                          // [Hkv][d] the step's key and value of one layer
   device_memory q_, out_;                        // [Hq][d] the step's query and attention output
   device_memory obs_queries_, obs_positions_;    // [L][observed][Hq][d], [observed]
-  device_memory decode_workspace_, compress_workspace_;
+  device_memory decode_workspace_;
+  bool on_device_;  // cuda::supports the policy; otherwise the CPU planner plans for the device cache
+  device_memory compress_workspace_;
 };
 
 }  // namespace llama

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -334,6 +335,51 @@ TEST_CASE("cuda bad input: compress_arguments are refused before any launch", "[
     positional.math = cu::window_math::tensor_cores;
     CHECK(name(cu::can_implement(positional)) == name(status::success));
   }
+}
+
+namespace {
+
+//! An engine's own allocator: the CPU backend runs it, the device has no form of it.
+struct engine_allocator {
+  using kvc_concept = kv::budget_allocator_tag;
+  static constexpr kv::allocation_scope scope = kv::allocation_scope::per_layer;
+  static constexpr bool needs_scores = false;
+  [[nodiscard]] status validate(const kv::attention_shape&, const kv::protected_set&) const { return status::success; }
+  [[nodiscard]] status allocate(const kv::candidate_table&, const kv::allocation_context&, std::span<int32_t>) const {
+    return status::success;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cuda::supports says which policies the device runs, before anything is allocated", "[cuda]") {
+  const auto b = kv::token_budget::of_tokens(64);
+  CHECK(name(cu::supports<float>(kv::streaming_llm({.budget = b, .sinks = 4}), model)) == name(status::success));
+  CHECK(name(cu::supports<float>(kv::h2o({.budget = b, .recent = 8}), model)) == name(status::success));
+  CHECK(name(cu::supports<float>(kv::snapkv({.budget = b, .window = 8}), model)) == name(status::success));
+  CHECK(name(cu::supports<float>(kv::pyramidkv({.budget = b, .window = 8}), model)) == name(status::success));
+  CHECK(name(cu::supports<float>(kv::ada_kv({.budget = b, .window = 8}), model)) == name(status::success));
+  CHECK(name(cu::supports<float>(kv::kv_compress({.budget = b, .protected_window = 8}), model)) ==
+        name(status::success));
+
+  kv::policy<kv::window_attention, engine_allocator, kv::topk_evictor> custom;
+  custom.metric = kv::snapkv({.budget = b, .window = 8}).metric;
+  custom.protect = kv::snapkv({.budget = b, .window = 8}).protect;
+  CHECK(name(cu::supports<float>(custom, model)) == name(status::not_supported));
+  auto normalized = kv::ada_kv({.budget = b, .window = 8});
+  normalized.allocator.normalize = true;
+  CHECK(name(cu::supports<float>(normalized, model)) == name(status::not_supported));
+  auto rerotating = kv::snapkv({.budget = b, .window = 8});
+  rerotating.positions = kv::position_mode::rerotate;
+  CHECK(name(cu::supports<float>(rerotating, model)) == name(status::not_supported));
+  CHECK(name(cu::supports<float>(kv::snapkv({.budget = kv::token_budget::of_tokens(2), .window = 8}), model)) ==
+        name(status::budget_below_protected));  // the policy's own validation
+
+  const auto tc = cu::window_math::tensor_cores;
+  CHECK(name(cu::supports<kv::bfloat16>(kv::snapkv({.budget = b, .window = 8}), model, tc)) == name(status::success));
+  CHECK(name(cu::supports<float>(kv::snapkv({.budget = b, .window = 8}), model, tc)) == name(status::not_supported));
+  CHECK(name(cu::supports<float>(kv::streaming_llm({.budget = b, .sinks = 4}), model, tc)) ==
+        name(status::success));  // no window scores: the math does not apply
 }
 
 namespace {

@@ -12,6 +12,7 @@
 //!   the emptied trailing blocks to the pool and replays the table changes onto the device
 //!   mirror (one scatter).
 //! - `decode_attention(cache, seqs, layer, q, out, ...)`: paged decode attention of a batch.
+//! - `supports<T>(policy, model)`: whether the device runs a policy (host-only).
 //!
 //! Supported compositions: metrics window_attention, accumulated_attention, positional;
 //! allocators uniform_budget, pyramid_budget, adaptive_budget (normalize off),
@@ -289,6 +290,24 @@ template <compression_policy P, kv_element T>
   detail::compress_parts<P, T> p;
   if (detail::parts_of(a, p) != status::success) return 0;
   return detail::carve(p, nullptr).bytes;
+}
+
+//! Whether the CUDA backend runs `policy` on keys of type T of a model of this shape: success,
+//! or why not (`not_supported` for a composition or setting the device does not implement, the
+//! policy's own validation status otherwise). Host-only: an engine picks `compress` or the CPU
+//! planner with it, before allocating anything.
+template <kv_element T, compression_policy P>
+[[nodiscard]] status supports(const P& policy, const attention_shape& model, window_math math = window_math::exact) {
+  compress_arguments<P, T> a;
+  a.policy = policy;
+  a.model = model;
+  a.pool.layers = model.layers;
+  a.pool.heads = policy.metric.stored_heads(model);
+  a.pool.head_dim = model.head_dim;
+  a.obs.rows = 1;  // a window is given, if the metric wants one
+  a.math = math;
+  detail::compress_parts<P, T> parts;
+  return detail::parts_of(a, parts);
 }
 
 //! One compression step on device buffers, on `stream`; `workspace` holds workspace_size(a)
