@@ -284,18 +284,31 @@ struct exact_logits {
     }
     stage_pair_positions(p, wh, first, count, v.sqpos);
   }
-  //! Lanes walk keys fastest, so the transposed shared-memory stores do not conflict.
+  //! A key tile, loaded and staged when stored: fetch() only notes which keys (see
+  //! tensor_core_logits::key_tile for the prefetching one). Lanes walk keys fastest, so the
+  //! transposed shared-memory stores do not conflict.
   template <kv_element T>
-  __device__ static void stage_keys(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count,
-                                    const window_smem_view& v) {
-    const int32_t d = pool.head_dim;
-    float* sk = static_cast<float*>(v.k);
-    for (int32_t i = threadIdx.x; i < window_keys * d; i += blockDim.x) {
-      const int32_t c = i / window_keys, k = i - c * window_keys;
-      sk[c * key_pitch + k] = k < count ? load(pool.keys[pool.physical(head, base + k) * d + c]) : 0.f;
+  struct key_tile {
+    const paged_view<T>* pool = nullptr;
+    int64_t head = 0;
+    int32_t base = 0, count = 0;
+
+    __device__ void fetch(const paged_view<T>& from, int64_t h, int32_t first, int32_t keys) {
+      pool = &from;
+      head = h;
+      base = first;
+      count = keys;
     }
-    stage_key_positions(pool, head, base, count, v.skpos);
-  }
+    __device__ void store(const window_smem_view& v) const {
+      const int32_t d = pool->head_dim;
+      float* sk = static_cast<float*>(v.k);
+      for (int32_t i = threadIdx.x; i < window_keys * d; i += blockDim.x) {
+        const int32_t c = i / window_keys, k = i - c * window_keys;
+        sk[c * key_pitch + k] = k < count ? load(pool->keys[pool->physical(head, base + k) * d + c]) : 0.f;
+      }
+      stage_key_positions(*pool, head, base, count, v.skpos);
+    }
+  };
   //! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending.
   __device__ static void tile(const window_smem_view& v, int32_t d, float sqrt_d, float (&x)[4][8]) {
     const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
@@ -377,22 +390,46 @@ struct tensor_core_logits {
     }
     stage_pair_positions(p, wh, first, count, v.sqpos);
   }
-  //! 16-byte copies of the stored bf16 rows (d % 8 == 0, so every row is 16-byte aligned).
+  //! A key tile prefetched into registers: fetch() issues the 16-byte loads of the stored
+  //! bf16 rows (d % 8 == 0, so every row is 16-byte aligned) and their positions, which land
+  //! while the CTA works on the previous tile; store() writes them to shared memory. With one
+  //! CTA per SM (the shared memory above), nothing else would hide that latency.
   template <kv_element T>
-  __device__ static void stage_keys(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count,
-                                    const window_smem_view& v) {
+  struct key_tile {
     static_assert(std::is_same_v<T, bfloat16>, "the tensor-core path reads bf16 keys");
-    const int32_t d = pool.head_dim, chunks = padded(d) / 8, ld = pitch(d);
-    auto* sk = static_cast<__nv_bfloat16*>(v.k);
-    for (int32_t i = threadIdx.x; i < window_keys * chunks; i += blockDim.x) {
-      const int32_t k = i / chunks, ch = i - k * chunks;
-      uint4 bits{0u, 0u, 0u, 0u};
-      if (k < count && ch * 8 < d)
-        bits = *reinterpret_cast<const uint4*>(pool.keys + pool.physical(head, base + k) * d + ch * 8);
-      *reinterpret_cast<uint4*>(sk + k * ld + ch * 8) = bits;
+    static constexpr int32_t max_chunks = window_keys * (max_tensor_core_head_dim / 8) / window_threads;
+    uint4 chunk[max_chunks];
+    int32_t position = 0;  // of key threadIdx.x (threads below window_keys)
+    int32_t d = 0;
+
+    __device__ void fetch(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count) {
+      d = pool.head_dim;
+      const int32_t chunks = padded(d) / 8;
+#pragma unroll
+      for (int32_t r = 0; r < max_chunks; ++r) {
+        const int32_t i = static_cast<int32_t>(threadIdx.x) + r * window_threads;
+        const int32_t k = i / chunks, ch = i - k * chunks;
+        chunk[r] = uint4{0u, 0u, 0u, 0u};
+        if (i < window_keys * chunks && k < count && ch * 8 < d)
+          chunk[r] = *reinterpret_cast<const uint4*>(pool.keys + pool.physical(head, base + k) * d + ch * 8);
+      }
+      if (threadIdx.x < window_keys)
+        position = static_cast<int32_t>(threadIdx.x) < count
+                       ? pool.positions[pool.physical(head, base + static_cast<int32_t>(threadIdx.x))]
+                                                             : INT32_MAX;
     }
-    stage_key_positions(pool, head, base, count, v.skpos);
-  }
+    __device__ void store(const window_smem_view& v) const {
+      const int32_t chunks = padded(d) / 8, ld = pitch(d);
+      auto* sk = static_cast<__nv_bfloat16*>(v.k);
+#pragma unroll
+      for (int32_t r = 0; r < max_chunks; ++r) {
+        const int32_t i = static_cast<int32_t>(threadIdx.x) + r * window_threads;
+        const int32_t k = i / chunks, ch = i - k * chunks;
+        if (i < window_keys * chunks) *reinterpret_cast<uint4*>(sk + k * ld + ch * 8) = chunk[r];
+      }
+      if (threadIdx.x < window_keys) v.skpos[threadIdx.x] = position;
+    }
+  };
   //! Every thread of the CTA must call it (it synchronises the CTA once).
   __device__ static void tile(const window_smem_view& v, int32_t d, float sqrt_d, float (&x)[4][8]) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -455,10 +492,14 @@ __global__ void __launch_bounds__(window_threads) window_stats_kernel(const __gr
     for (int32_t i = 0; i < 4; ++i) m[i] = -INFINITY, s[i] = 0.f;
     __syncthreads();
     Logits::stage_pairs(p, wh, first, count, sm);
+    typename Logits::template key_tile<T> keys;
+    if (begin < end) keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
     for (int32_t base = begin; base < end; base += window_keys) {
       __syncthreads();
-      Logits::stage_keys(a.pool, wh.head, base, min(window_keys, end - base), sm);
+      keys.store(sm);
       __syncthreads();
+      if (base + window_keys < end)
+        keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
       Logits::tile(sm, d, p.sqrt_d, x);
 #pragma unroll
@@ -543,11 +584,15 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
     const int32_t g_first = first / a.window, g_last = (first + count - 1) / a.window;
     __syncthreads();
     Logits::stage_pairs(p, wh, first, count, sm);
+    typename Logits::template key_tile<T> tile_keys;
+    if (begin < end) tile_keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
     for (int32_t base = begin; base < end; base += window_keys) {
       const int32_t keys = min(window_keys, end - base);
       __syncthreads();
-      Logits::stage_keys(a.pool, wh.head, base, keys, sm);
+      tile_keys.store(sm);
       __syncthreads();
+      if (base + window_keys < end)
+        tile_keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
       Logits::tile(sm, d, p.sqrt_d, x);
       int32_t kpos[8];
