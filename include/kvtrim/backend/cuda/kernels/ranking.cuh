@@ -562,10 +562,6 @@ __global__ void commit_metrics_kernel(const __grid_constant__ plan_params<T> p) 
     a.pool.metrics[a.pool.physical(head, j)] = a.new_metrics[hi * a.stride + j];
 }
 
-}  // namespace detail
-
-namespace detail {
-
 //! keys_in -> keys2 (values alongside), each group ordered by its candidates' keys.
 template <kv_element T>
 [[nodiscard]] status second_sort(const plan_params<T>& p, void* temp, cudaStream_t stream) {
