@@ -1,7 +1,7 @@
-// The keys of the planner's second sort (ranking.cuh, group_key_format): packed, one
-// device-wide sort must order them as the segmented sort orders the unpacked ones, i.e. by
-// (group, score bits, local), with each group's padding after its candidates and before the
-// next group. Pure host arithmetic, so it needs no GPU.
+// The keys of the planner's second sort (ranking.cuh, group_key_format): one device-wide sort
+// must order them as a segmented sort by group would, i.e. by (group, score bits, local), with
+// each group's padding after its candidates and before the next group, for every size the
+// planner accepts. Pure host arithmetic, so it needs no GPU.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -33,12 +33,11 @@ bool before(const candidate& x, const candidate& y) {
 
 }  // namespace
 
-TEST_CASE("second-sort keys: packed keys sort as (group, score, local), padding last in its group", "[cuda]") {
+TEST_CASE("second-sort keys sort as (group, score, local), padding last in its group", "[cuda]") {
   const int64_t groups = GENERATE(1, 2, 8, 256);
   const int64_t locals = GENERATE(int64_t{1}, int64_t{1000}, int64_t{8} * 131072);
   CAPTURE(groups, locals);
   const cu::detail::group_key_format f = cu::detail::group_key_format_of(groups, locals);
-  REQUIRE(f.packed);  // these shapes fit: group and local bits together at most 32
   CHECK(f.end_bit() <= 64);
   CHECK((int64_t{1} << f.local_bits) >= locals);
   CHECK((int64_t{1} << f.group_bits) >= groups);
@@ -72,11 +71,17 @@ TEST_CASE("second-sort keys: packed keys sort as (group, score, local), padding 
     for (const candidate& c : items) CHECK(key(c) >> f.end_bit() == 0);  // the sort reads end_bit bits only
 }
 
-TEST_CASE("second-sort keys: shapes whose group and local bits pass 32 stay unpacked", "[cuda]") {
-  const cu::detail::group_key_format f = cu::detail::group_key_format_of(int64_t{1} << 12, int64_t{1} << 21);
-  CHECK_FALSE(f.packed);
-  CHECK(f.end_bit() == 64);
-  CHECK(f.encode(5, 0x1234u, 0x89abu) == ((uint64_t{0x1234u} << 32) | 0x89abu));  // the group is the segment's business
-  CHECK(f.local_of(f.encode(5, 0x1234u, 0x89abu)) == 0x89abu);
-  CHECK(f.padding(5) == ~uint64_t{0});
+TEST_CASE("second-sort keys fit 64 bits for every size the planner accepts", "[cuda]") {
+  // can_implement bounds a plan's items, groups * locals, by 2^31 - 1: at the edges, group and
+  // local bits stay within 32 and the keys within 64 bits.
+  const int64_t most = (int64_t{1} << 31) - 1;
+  for (const int64_t groups : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{5}, int64_t{65535}, int64_t{1} << 16, most}) {
+    const int64_t locals = most / groups;
+    const cu::detail::group_key_format f = cu::detail::group_key_format_of(groups, locals);
+    CAPTURE(groups, locals, f.group_bits, f.local_bits);
+    CHECK(f.group_bits + f.local_bits <= 32);
+    CHECK(f.end_bit() <= 64);
+    CHECK(f.local_of(f.encode(groups - 1, 0xfffffffeu, static_cast<uint32_t>(locals - 1))) == locals - 1);
+    CHECK(f.encode(groups - 1, 0xfffffffeu, static_cast<uint32_t>(locals - 1)) < f.padding(groups - 1));
+  }
 }

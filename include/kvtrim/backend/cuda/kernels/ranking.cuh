@@ -13,8 +13,8 @@
 //!    layer, of its candidates keyed (score desc, head, rank) gives each head's share of the
 //!    layer's top-k, then the safeguard); KV-Compress per sequence (candidate blocks priced by
 //!    their block metric, keyed (metric asc, head, block), cheapest `blocks_to_evict` taken).
-//!    The second sort is one device-wide radix sort when the group index fits in the keys'
-//!    spare high bits (group_key_format), else a segmented sort (one CTA per group).
+//!    The second sort is one device-wide radix sort: the keys carry their group in their
+//!    high bits (group_key_format).
 //! 4. evictor: top-k, or rounded up to whole blocks; kept flags per slot for compaction.
 //! Device-detected input errors (NaN scores, empty heads) are reported through `error` and
 //! make every later step of the same compression a no-op (strong guarantee).
@@ -117,43 +117,35 @@ namespace detail {
   return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
 }
 
-//! Keys of the second sort: a candidate's 32 score bits (ascending = better first) and its
-//! `local` index in its group (head in the group * span + rank; unique, so no ties), sorted
-//! within each group. Packed, the group index sits above them ([group][score][local], low bits
-//! first up to end_bit) and one device-wide sort orders every group at once; unpacked
-//! (score << 32 | local), a segmented sort keeps the groups apart. Padding sorts after every
-//! candidate of its group: no candidate's score bits are all ones (that is a NaN, refused).
+//! Keys of the second sort, [group][score][local] from the high bits down: the candidate's
+//! group, its 32 score bits (ascending = better first) and its `local` index in the group
+//! (head in the group * span + rank; unique, so no ties). One device-wide sort over the low
+//! end_bit bits then orders every group at once, as a segmented sort would. It always fits:
+//! groups * locals <= 2^31 (can_implement bounds the items), so group and local need at most
+//! 32 bits together. Padding sorts after every candidate of its group: no candidate's score
+//! bits are all ones (that is a NaN, refused).
 struct group_key_format {
   int32_t group_bits = 0;
-  int32_t local_bits = 32;
-  bool packed = false;
+  int32_t local_bits = 0;
 
+  [[nodiscard]] __host__ __device__ constexpr uint64_t group_part(int64_t group) const noexcept {
+    return group_bits == 0 ? 0 : static_cast<uint64_t>(group) << (32 + local_bits);
+  }
   [[nodiscard]] __host__ __device__ constexpr uint64_t encode(int64_t group, uint32_t score, uint32_t local) const noexcept {
-    if (!packed) return (static_cast<uint64_t>(score) << 32) | local;
-    const uint64_t g = group_bits == 0 ? 0 : static_cast<uint64_t>(group) << (32 + local_bits);
-    return g | (static_cast<uint64_t>(score) << local_bits) | local;
+    return group_part(group) | (static_cast<uint64_t>(score) << local_bits) | local;
   }
   [[nodiscard]] __host__ __device__ constexpr uint64_t padding(int64_t group) const noexcept {
-    if (!packed) return ~uint64_t{0};
-    const uint64_t g = group_bits == 0 ? 0 : static_cast<uint64_t>(group) << (32 + local_bits);
-    return g | low_bits(32 + local_bits);
+    return group_part(group) | low_bits(32 + local_bits);
   }
   [[nodiscard]] __host__ __device__ constexpr uint32_t local_of(uint64_t key) const noexcept {
-    return static_cast<uint32_t>(key & low_bits(packed ? local_bits : 32));
+    return static_cast<uint32_t>(key & low_bits(local_bits));
   }
-  [[nodiscard]] __host__ __device__ constexpr int32_t end_bit() const noexcept {
-    return packed ? group_bits + 32 + local_bits : 64;
-  }
+  [[nodiscard]] __host__ __device__ constexpr int32_t end_bit() const noexcept { return group_bits + 32 + local_bits; }
 };
 
-//! The format for `groups` groups of `locals` candidates each.
+//! The format for `groups` groups of `locals` candidates each (groups * locals <= 2^31).
 [[nodiscard]] __host__ __device__ constexpr group_key_format group_key_format_of(int64_t groups, int64_t locals) noexcept {
-  group_key_format f;
-  f.group_bits = bits_for(groups);
-  f.local_bits = bits_for(locals);
-  f.packed = f.group_bits + f.local_bits <= 32;
-  if (!f.packed) f.local_bits = 32;
-  return f;
+  return {bits_for(groups), bits_for(locals)};
 }
 
 struct plan_layout {
@@ -187,9 +179,7 @@ template <kv_element T>
 //! CUB's storage for the second sort.
 [[nodiscard]] inline size_t second_sort_bytes(const plan_layout& l) noexcept {
   if (!l.second) return 0;
-  if (l.format.packed)
-    return workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.second_items, l.format.end_bit()});
-  return workspace_size(segmented_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.second_items, l.groups, nullptr, nullptr});
+  return workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.second_items, l.format.end_bit()});
 }
 
 }  // namespace detail
@@ -566,11 +556,7 @@ __global__ void commit_metrics_kernel(const __grid_constant__ plan_params<T> p) 
 template <kv_element T>
 [[nodiscard]] status second_sort(const plan_params<T>& p, void* temp, cudaStream_t stream) {
   const plan_layout& l = p.layout;
-  if (l.format.packed)
-    return radix_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.second_items, l.format.end_bit()}, temp, stream);
-  return segmented_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.second_items, l.groups, p.group_offsets,
-                         p.group_offsets + 1},
-                        temp, stream);
+  return radix_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.second_items, l.format.end_bit()}, temp, stream);
 }
 
 }  // namespace detail
