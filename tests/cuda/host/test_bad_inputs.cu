@@ -159,6 +159,12 @@ TEST_CASE("cuda bad input: window_score_arguments are refused before any launch"
     refused(a, status::invalid_pool_kernel);
   }
   SECTION("no workspace") { CHECK(name(cu::window_scores(a, nullptr, nullptr)) == name(status::invalid_argument)); }
+  SECTION("more slots to pool than the position sort takes (2^31 - 1)") {
+    a.metric.pool = kv::pooling::max;
+    a.metric.kernel = 7;
+    a.stride = 1 << 30;  // 1 sequence x 2 layers x 2 heads x 2^30 slots
+    refused(a, status::not_supported);
+  }
   SECTION("an unknown window_math") {
     a.math = static_cast<cu::window_math>(7);
     refused(a, status::invalid_argument);

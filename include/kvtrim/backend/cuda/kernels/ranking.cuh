@@ -107,16 +107,6 @@ template <kv_element T>
 
 namespace detail {
 
-//! Values [0, count) need this many bits.
-[[nodiscard]] __host__ __device__ constexpr int32_t bits_for(int64_t count) noexcept {
-  int32_t b = 0;
-  while (b < 62 && (int64_t{1} << b) < count) ++b;
-  return b;
-}
-[[nodiscard]] __host__ __device__ constexpr uint64_t low_bits(int32_t n) noexcept {
-  return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
-}
-
 //! Keys of the second sort, [group][score][local] from the high bits down: the candidate's
 //! group, its 32 score bits (ascending = better first) and its `local` index in the group
 //! (head in the group * span + rank; unique, so no ties). One device-wide sort over the low

@@ -97,6 +97,17 @@ struct radix_sort_arguments {
 
 namespace detail {
 
+//! Values [0, count) need this many bits.
+[[nodiscard]] __host__ __device__ constexpr int32_t bits_for(int64_t count) noexcept {
+  int32_t b = 0;
+  while (b < 62 && (int64_t{1} << b) < count) ++b;
+  return b;
+}
+//! The low n bits set.
+[[nodiscard]] __host__ __device__ constexpr uint64_t low_bits(int32_t n) noexcept {
+  return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+}
+
 //! Order-preserving bits of a float: a < b  <=>  ordered(a) < ordered(b) (with -0 == +0).
 [[nodiscard]] __host__ __device__ __forceinline__ uint32_t ordered_bits(float x) noexcept {
   if (x == 0.f) x = 0.f;  // -0 and +0 compare equal: one key

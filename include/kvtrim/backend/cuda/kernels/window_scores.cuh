@@ -93,6 +93,9 @@ template <kv_element T>
     return status::invalid_argument;
   if (a.window < 1) return status::window_too_large;
   if (a.pool.head_dim > max_window_head_dim) return status::not_supported;
+  const bool pooled = a.metric.pool != pooling::none && a.metric.kernel > 1;
+  if (pooled && static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads * a.stride > INT32_MAX)
+    return status::not_supported;  // the position sort's items (CUB's int offsets)
   if (const status s = check_math<T>(a.math, a.pool.head_dim); s != status::success) return s;
   if (a.batch > 0 && (!a.rows || !a.queries || !a.query_positions || !a.scores)) return status::invalid_argument;
   return status::success;
@@ -107,8 +110,10 @@ inline constexpr int32_t window_keys = 64;     // keys per tile
 inline constexpr int32_t pair_pitch = window_pairs + 4;  // transposed rows, 16-byte aligned
 inline constexpr int32_t key_pitch = window_keys + 4;
 inline constexpr int32_t prob_pitch = window_keys + 1;
-//! Pooling sorts slots by position, a non-negative int32: the low 32 bits are the whole key.
-inline constexpr int32_t position_key_bits = 32;
+//! Pooling sorts every head's slots by position in one device-wide sort: key = head << 32 |
+//! position (a non-negative int32), slots past the head's length padded with position bits
+//! all ones, so each head's slots stay in its stride-long segment, in position order.
+[[nodiscard]] constexpr int32_t position_key_end_bit(int64_t heads) noexcept { return 32 + bits_for(heads); }
 
 struct window_layout {
   int32_t per_row = 1;      // query heads per stored head
@@ -163,12 +168,9 @@ template <kv_element T>
   w.take<uint64_t>(l.items);
   w.take<int32_t>(l.items);
   w.take<int32_t>(l.items);
-  w.take<int64_t>(l.pool ? l.heads : 0);
-  w.take<int64_t>(l.pool ? l.heads : 0);
   w.take<char>(static_cast<int64_t>(
-      l.pool ? workspace_size(segmented_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items,
-                                                       static_cast<int32_t>(l.heads), nullptr, nullptr,
-                                                       detail::position_key_bits})
+      l.pool ? workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items,
+                                                   detail::position_key_end_bit(l.heads)})
              : 0));
   return w.used();
 }
@@ -188,8 +190,6 @@ struct window_params {
   uint64_t* keys_out = nullptr;
   int32_t* values_in = nullptr;
   int32_t* values_out = nullptr;
-  int64_t* begin = nullptr;
-  int64_t* end = nullptr;
 };
 
 //! Decodes blockIdx.z = (b * layer_count + l') and blockIdx.y = h into the flat head and the
@@ -663,19 +663,17 @@ __device__ __forceinline__ int64_t mirror_head_of(const window_score_arguments<T
   return batch_head(a.pool, a.rows, a.first_layer, a.layer_count, hi, layer);
 }
 
-//! Position sort keys: key = position, value = slot; segment i = [i * stride, i * stride + n).
+//! Position sort keys (position_key_end_bit): slot j of head hi at hi * stride + j, value j.
 template <kv_element T>
 __global__ void position_keys_kernel(const __grid_constant__ window_params<T> p) {
   const auto& a = p.args;
   const int32_t hi = blockIdx.y;  // workspace head index
   const int64_t head = mirror_head_of(a, hi);
   const int32_t n = a.pool.lengths[head];
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    p.begin[hi] = static_cast<int64_t>(hi) * a.stride;
-    p.end[hi] = static_cast<int64_t>(hi) * a.stride + n;
-  }
-  for (int32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
-    p.keys_in[static_cast<int64_t>(hi) * a.stride + j] = static_cast<uint32_t>(a.pool.positions[a.pool.physical(head, j)]);
+  const uint64_t high = static_cast<uint64_t>(hi) << 32;
+  for (int32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < a.stride; j += gridDim.x * blockDim.x) {
+    const uint32_t position = j < n ? static_cast<uint32_t>(a.pool.positions[a.pool.physical(head, j)]) : ~0u;
+    p.keys_in[static_cast<int64_t>(hi) * a.stride + j] = high | position;
     p.values_in[static_cast<int64_t>(hi) * a.stride + j] = j;
   }
 }
@@ -689,17 +687,18 @@ __global__ void pool_kernel(const __grid_constant__ window_params<T> p, const fl
   const int64_t row = blockIdx.y;  // [heads][rows]
   const int64_t hi = row / rows;
   const int64_t seg = hi * a.stride;
-  const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
+  const int32_t n = a.pool.lengths[mirror_head_of(a, hi)];
   if (n == 0) return;
-  const uint64_t* pos = p.keys_out + seg;  // ascending positions
+  const uint64_t* keys = p.keys_out + seg;  // ascending positions in the low 32 bits
+  const auto pos = [keys](int32_t i) { return static_cast<int64_t>(keys[i] & 0xffffffffu); };
   const int32_t* by_position = p.values_out + seg;
   int32_t m = n;
   if (a.metric.range == pool_range::evictable_prefix) {  // keys before the recent window
-    const int64_t limit = static_cast<int64_t>(pos[n - 1]) + 1 - a.protect.recent;
+    const int64_t limit = pos(n - 1) + 1 - a.protect.recent;
     int32_t lo = 0, hi2 = n;
     while (lo < hi2) {
       const int32_t mid = (lo + hi2) / 2;
-      if (static_cast<int64_t>(pos[mid]) < limit) lo = mid + 1; else hi2 = mid;
+      if (pos(mid) < limit) lo = mid + 1; else hi2 = mid;
     }
     m = lo;
   }
@@ -763,8 +762,6 @@ template <kv_element T>
   p.keys_out = w.take<uint64_t>(l.items);
   p.values_in = w.take<int32_t>(l.items);
   p.values_out = w.take<int32_t>(l.items);
-  p.begin = w.take<int64_t>(l.pool ? l.heads : 0);
-  p.end = w.take<int64_t>(l.pool ? l.heads : 0);
   if constexpr (std::is_same_v<T, bfloat16>) {  // can_implement refuses tensor_cores for other types
     if (a.math == window_math::tensor_cores) {
       if (const status s = detail::check_tensor_cores(); s != status::success) return s;
@@ -788,9 +785,9 @@ template <kv_element T>
   const unsigned x = static_cast<unsigned>(detail::ceil_div(a.stride, et) < 64 ? detail::ceil_div(a.stride, et) : 64);
   detail::position_keys_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads)), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  const segmented_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
-                                      static_cast<int32_t>(l.heads), p.begin, p.end, detail::position_key_bits};
-  if (const status s = segmented_sort(sort, w.take<char>(static_cast<int64_t>(workspace_size(sort))), stream);
+  const radix_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
+                                  detail::position_key_end_bit(l.heads)};
+  if (const status s = radix_sort(sort, w.take<char>(static_cast<int64_t>(workspace_size(sort))), stream);
       s != status::success)
     return s;
   if (l.after_pool) {  // pool each query head's row, then reduce the group
