@@ -380,6 +380,10 @@ TEST_CASE("cuda::supports says which policies the device runs, before anything i
   CHECK(name(cu::supports<float>(rerotating, model)) == name(status::not_supported));
   CHECK(name(cu::supports<float>(kv::snapkv({.budget = kv::token_budget::of_tokens(2), .window = 8}), model)) ==
         name(status::budget_below_protected));  // the policy's own validation
+  const kv::attention_shape wide{2, 8, 2, 512};
+  CHECK(name(cu::supports<float>(kv::snapkv({.budget = b, .window = 8}), wide)) ==
+        name(status::not_supported));  // window scores take head dims up to 256
+  CHECK(name(cu::supports<float>(kv::streaming_llm({.budget = b, .sinks = 4}), wide)) == name(status::success));
 
   const auto tc = cu::window_math::tensor_cores;
   CHECK(name(cu::supports<kv::bfloat16>(kv::snapkv({.budget = b, .window = 8}), model, tc)) == name(status::success));

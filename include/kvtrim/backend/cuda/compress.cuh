@@ -307,7 +307,8 @@ template <kv_element T, compression_policy P>
   a.obs.rows = 1;  // a window is given, if the metric wants one
   a.math = math;
   detail::compress_parts<P, T> parts;
-  return detail::parts_of(a, parts);
+  if (const status s = detail::parts_of(a, parts); s != status::success) return s;
+  return parts.scored && model.head_dim > max_window_head_dim ? status::not_supported : status::success;
 }
 
 //! One compression step on device buffers, on `stream`; `workspace` holds workspace_size(a)
