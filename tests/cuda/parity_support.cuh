@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -14,6 +15,18 @@ namespace kvtrim_test {
 using kvtrim::status;
 
 inline void require_ok(status s) { REQUIRE(kvtrim::to_string(s) == kvtrim::to_string(status::success)); }
+
+//! KVTRIM_QUICK (scripts/gpu-check's sanitizer runs): 1 = one seed instead of two (memcheck,
+//! initcheck); 2 = also only head dims 8 and 128, block size 16 and G 1 and 8 (racecheck, the
+//! slowest tool), which still launches every kernel and both fast-path dispatches.
+inline int quick_level() {
+  const char* q = std::getenv("KVTRIM_QUICK");
+  return q ? std::atoi(q) : 0;
+}
+inline bool quick() { return quick_level() >= 1; }
+inline bool keep_shape(int32_t d, int32_t bs, int32_t group) {
+  return quick_level() < 2 || (d != 64 && bs == 16 && group != 2);
+}
 
 //! Owning device allocation (tests only: the library allocates nothing).
 class device_memory {

@@ -5,7 +5,6 @@
 #include "parity_support.cuh"
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 namespace {
@@ -15,18 +14,6 @@ namespace kv = kvtrim;
 
 //! Outputs and metrics: fp32 accumulation on both sides, different summation order.
 constexpr float tolerance = 2e-4f;
-
-//! KVTRIM_QUICK (scripts/gpu-check's sanitizer runs): 1 = one seed instead of two (memcheck,
-//! initcheck); 2 = also only head dims 8 and 128, block size 16 and G 1 and 8 (racecheck, the
-//! slowest tool), which still launches every kernel and both fast-path dispatches.
-int quick_level() {
-  const char* q = std::getenv("KVTRIM_QUICK");
-  return q ? std::atoi(q) : 0;
-}
-bool quick() { return quick_level() >= 1; }
-bool keep_shape(int32_t d, int32_t bs, int32_t group) {
-  return quick_level() < 2 || (d != 64 && bs == 16 && group != 2);
-}
 
 bool close(float a, float b) { return std::fabs(a - b) <= tolerance * (1.f + std::fabs(b)); }
 
