@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 namespace {
 
@@ -107,7 +108,7 @@ namespace {
 //! Runs `policy` on both caches and compares the kept positions of every head.
 template <class P, kv::kv_element T>
 void check_compression(const P& policy, const kv::attention_shape& model, int32_t bs, uint32_t seed, int32_t rows,
-                       kv::cuda::window_math math = kv::cuda::window_math::exact) {
+                       kv::cuda::window_math math) {
   const int32_t n = 200;
   const kv::paged_cache_config config{{model.layers, model.q_heads, policy.metric.stored_heads(model), model.head_dim},
                                       bs, model.layers * policy.metric.stored_heads(model) * 2 * (n / bs + 2), 2, n + 8};
@@ -152,97 +153,56 @@ void check_compression(const P& policy, const kv::attention_shape& model, int32_
 
 }  // namespace
 
+// Both window maths: the bf16x3 tensor-core window scores (bf16 keys only) must keep the same
+// tokens as the fp32 path.
 TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "[cuda]", float, kv::bfloat16) {
   const int32_t d = GENERATE(8, 64, 128);
   const int32_t bs = GENERATE(1, 16);
   const int32_t group = GENERATE(1, 2, 8);
   if (!keep_shape(d, bs, group)) return;
   const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({11u, 12u})));
-  CAPTURE(d, bs, group, seed);
+  const auto math = GENERATE(kv::cuda::window_math::exact, kv::cuda::window_math::tensor_cores);
+  if (math == kv::cuda::window_math::tensor_cores && !std::is_same_v<TestType, kv::bfloat16>) return;
+  CAPTURE(d, bs, group, seed, static_cast<int>(math));
   const kv::attention_shape model{2, 2 * group, 2, d};
   SECTION("StreamingLLM") {
     check_compression<kv::streaming_llm_policy, TestType>(
-        kv::streaming_llm({.budget = kv::token_budget::of_tokens(40), .sinks = 4}), model, bs, seed, 4);
+        kv::streaming_llm({.budget = kv::token_budget::of_tokens(40), .sinks = 4}), model, bs, seed, 4, math);
   }
   SECTION("SnapKV, max pool 7") {
     check_compression<kv::snapkv_policy, TestType>(
-        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8);
+        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
   }
   SECTION("SnapKV, avg pool 5, reduce after pooling per query head") {
     auto p = kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8, .pool = kv::pooling::avg, .kernel = 5});
     p.metric.reduce = kv::gqa_reduce::max;
     p.metric.order = kv::reduce_order::after_pool;
-    check_compression<kv::snapkv_policy, TestType>(p, model, bs, seed, 8);
+    check_compression<kv::snapkv_policy, TestType>(p, model, bs, seed, 8, math);
   }
   SECTION("SnapKV, window 40 (at G = 8 the 320 query pairs span three blocks of 128)") {
     check_compression<kv::snapkv_policy, TestType>(
-        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 40}), model, bs, seed, 40);
+        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 40}), model, bs, seed, 40, math);
   }
   SECTION("Ada-KV") {
     check_compression<kv::ada_snapkv_policy, TestType>(
-        kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8);
+        kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
   }
   SECTION("PyramidKV") {
     check_compression<kv::pyramidkv_policy, TestType>(
-        kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8);
+        kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
   }
   SECTION("KV-Compress") {
     check_compression<kv::kv_compress_policy, TestType>(
         kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = bs, .protected_window = 8}), model, bs,
-        seed, 8);
+        seed, 8, math);
   }
   SECTION("KV-Compress, nothing protected (every head keeps at least one token)") {
     check_compression<kv::kv_compress_policy, TestType>(
         kv::kv_compress({.budget = kv::token_budget::of_tokens(16), .block_size = bs, .protected_window = 0}), model, bs,
-        seed, 8);
+        seed, 8, math);
   }
   SECTION("H2O (prefill observation)") {
     check_compression<kv::h2o_policy, TestType>(kv::h2o({.budget = kv::token_budget::of_tokens(48), .recent = 8}), model,
-                                                bs, seed, 8);
-  }
-}
-
-// The bf16x3 tensor-core window scores (window_scores.cuh) must keep the same tokens: every
-// policy that scores an observation window, bf16 keys, the same shapes.
-TEST_CASE("compression with tensor-core window scores keeps the CPU backend's tokens", "[cuda]") {
-  using T = kv::bfloat16;
-  constexpr auto tc = kv::cuda::window_math::tensor_cores;
-  const int32_t d = GENERATE(8, 64, 128);
-  const int32_t bs = GENERATE(1, 16);
-  const int32_t group = GENERATE(1, 2, 8);
-  if (!keep_shape(d, bs, group)) return;
-  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({21u, 22u})));
-  CAPTURE(d, bs, group, seed);
-  const kv::attention_shape model{2, 2 * group, 2, d};
-  SECTION("SnapKV, max pool 7") {
-    check_compression<kv::snapkv_policy, T>(kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model,
-                                            bs, seed, 8, tc);
-  }
-  SECTION("SnapKV, avg pool 5, reduce after pooling per query head") {
-    auto p = kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8, .pool = kv::pooling::avg, .kernel = 5});
-    p.metric.reduce = kv::gqa_reduce::max;
-    p.metric.order = kv::reduce_order::after_pool;
-    check_compression<kv::snapkv_policy, T>(p, model, bs, seed, 8, tc);
-  }
-  SECTION("SnapKV, window 40 (at G = 8 the 320 query pairs span three blocks of 128)") {
-    check_compression<kv::snapkv_policy, T>(kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 40}),
-                                            model, bs, seed, 40, tc);
-  }
-  SECTION("Ada-KV") {
-    check_compression<kv::ada_snapkv_policy, T>(kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}),
-                                                model, bs, seed, 8, tc);
-  }
-  SECTION("PyramidKV") {
-    check_compression<kv::pyramidkv_policy, T>(
-        kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, tc);
-  }
-  SECTION("KV-Compress") {
-    check_compression<kv::kv_compress_policy, T>(
-        kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = bs, .protected_window = 8}), model, bs,
-        seed, 8, tc);
-  }
-  SECTION("H2O (prefill observation)") {
-    check_compression<kv::h2o_policy, T>(kv::h2o({.budget = kv::token_budget::of_tokens(48), .recent = 8}), model, bs,
-                                         seed, 8, tc);
+                                                bs, seed, 8, math);
   }
 }

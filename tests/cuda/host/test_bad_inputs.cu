@@ -28,9 +28,10 @@ U* stand_in() {
 }
 
 //! A valid view: 2 layers, 2 KV heads, head dim 16, block size 16.
-cu::paged_view<float> view() {
-  cu::paged_view<float> v;
-  v.keys = v.values = stand_in<float>();
+template <kv::kv_element T = float>
+cu::paged_view<T> view() {
+  cu::paged_view<T> v;
+  v.keys = v.values = stand_in<T>();
   v.positions = stand_in<int32_t>();
   v.metrics = stand_in<float>();
   v.block_tables = v.lengths = stand_in<const int32_t>();
@@ -54,9 +55,10 @@ cu::decode_arguments<float> decode() {
   return a;
 }
 
-cu::window_score_arguments<float> window() {
-  cu::window_score_arguments<float> a;
-  a.pool = view();
+template <kv::kv_element T = float>
+cu::window_score_arguments<T> window() {
+  cu::window_score_arguments<T> a;
+  a.pool = view<T>();
   a.rows = stand_in<const int32_t>();
   a.batch = 1;
   a.layer_count = 2;
@@ -176,18 +178,7 @@ TEST_CASE("cuda bad input: window_score_arguments are refused before any launch"
 }
 
 TEST_CASE("cuda bad input: tensor-core window scores need bf16 keys and a head dim of 8k up to 128", "[cuda]") {
-  cu::window_score_arguments<kv::bfloat16> a;
-  a.pool = {stand_in<kv::bfloat16>(), stand_in<kv::bfloat16>(), stand_in<int32_t>(), stand_in<float>(),
-            stand_in<const int32_t>(), stand_in<const int32_t>(), 2, 2, 16, 16, 4};
-  a.rows = stand_in<const int32_t>();
-  a.batch = 1;
-  a.layer_count = 2;
-  a.q_heads = 8;
-  a.window = 4;
-  a.queries = stand_in<const float>();
-  a.query_positions = stand_in<const int32_t>();
-  a.stride = 64;
-  a.scores = stand_in<float>();
+  auto a = window<kv::bfloat16>();
   a.math = cu::window_math::tensor_cores;
   REQUIRE(name(cu::can_implement(a)) == name(status::success));
   const int32_t d = GENERATE(12, 136, 256);
