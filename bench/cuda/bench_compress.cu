@@ -1,49 +1,70 @@
 // One layer's compression step (scores + budgets + plan + compaction, on the device, without
 // the host commit) at the Llama-3-8B shape: B in {1, 8}, n in {4k, 32k, 128k}, for SnapKV
 // (C = n / 16, w 32, k 7), Ada-KV (same budget) and KV-Compress (M = n / 16); window scores on
-// fp32 CUDA cores (tc:0, window_math::exact) and with bf16x3 tensor-core MMAs (tc:1).
+// fp32 CUDA cores (tc:0, window_math::exact) and with bf16x3 tensor-core MMAs (tc:1). The
+// SnapKV window scores alone (bm_snapkv_window_scores) split a step's time into scoring and
+// the rest (ranking, budgets, compaction).
 #include "bench_support.cuh"
 
 namespace {
 using namespace kvtrim_bench;
 
+constexpr int32_t window = 32;  //!< observation rows of every step
+
+kvtrim::cuda::window_math math_of(const benchmark::State& state) {
+  return state.range(2) != 0 ? kvtrim::cuda::window_math::tensor_cores : kvtrim::cuda::window_math::exact;
+}
+
+//! A layer cache of B sequences of n tokens, their last `window` queries and positions, and
+//! their mirror rows, all on the device.
+struct step_inputs {
+  int32_t batch, n;
+  layer_cache c;
+  device_memory queries, positions, rows;
+
+  step_inputs(int32_t b, int32_t tokens)
+      : batch(b), n(tokens), c(b, tokens),
+        queries(static_cast<size_t>(b) * window * q_heads * head_dim * sizeof(float)),
+        positions(static_cast<size_t>(b) * window * sizeof(int32_t)), rows(static_cast<size_t>(b) * sizeof(int32_t)) {
+    if (!c.ok) return;
+    fill_random(queries.as<float>(), queries.bytes / sizeof(float), 4);
+    std::vector<int32_t> pos(static_cast<size_t>(batch) * window), slot(static_cast<size_t>(batch));
+    for (int32_t s = 0; s < batch; ++s) {
+      for (int32_t r = 0; r < window; ++r) pos[static_cast<size_t>(s) * window + r] = n - window + r;
+      slot[static_cast<size_t>(s)] = c.cache.tables().sequence_slot(s);
+    }
+    cudaMemcpy(positions.ptr, pos.data(), positions.bytes, cudaMemcpyHostToDevice);
+    cudaMemcpy(rows.ptr, slot.data(), rows.bytes, cudaMemcpyHostToDevice);
+  }
+};
+
 template <class P>
-void run_step(benchmark::State& state, const P& policy, int32_t window) {
+void run_step(benchmark::State& state, const P& policy) {
   if (!have_device()) {
     state.SkipWithError("no CUDA device");
     return;
   }
   const auto batch = static_cast<int32_t>(state.range(0));
   const auto n = static_cast<int32_t>(state.range(1));
-  layer_cache c(batch, n);
-  if (!c.ok) {
+  step_inputs in(batch, n);
+  if (!in.c.ok) {
     state.SkipWithError("cache setup failed (device memory?)");
     return;
   }
+  layer_cache& c = in.c;
   const kvtrim::attention_shape model{1, q_heads, kv_heads, head_dim};
-  device_memory queries(static_cast<size_t>(batch) * window * q_heads * head_dim * sizeof(float));
-  fill_random(queries.as<float>(), queries.bytes / sizeof(float), 4);
-  std::vector<int32_t> pos(static_cast<size_t>(batch) * window);
-  for (int32_t b = 0; b < batch; ++b)
-    for (int32_t r = 0; r < window; ++r) pos[static_cast<size_t>(b) * window + r] = n - window + r;
-  device_memory positions(pos.size() * sizeof(int32_t));
-  cudaMemcpy(positions.ptr, pos.data(), positions.bytes, cudaMemcpyHostToDevice);
-  std::vector<int32_t> rows(static_cast<size_t>(batch));
-  for (int32_t b = 0; b < batch; ++b) rows[static_cast<size_t>(b)] = c.cache.tables().sequence_slot(b);
-  device_memory drows(rows.size() * sizeof(int32_t)), keep(static_cast<size_t>(batch) * kv_heads * sizeof(int32_t)),
-      error(sizeof(int32_t));
-  cudaMemcpy(drows.ptr, rows.data(), drows.bytes, cudaMemcpyHostToDevice);
+  device_memory keep(static_cast<size_t>(batch) * kv_heads * sizeof(int32_t)), error(sizeof(int32_t));
   kvtrim::cuda::compress_arguments<P, element> a;
   a.policy = policy;
   a.model = model;
   a.pool = kvtrim::cuda::make_view(c.cache.buffers(), c.config);
-  a.rows = drows.as<int32_t>();
+  a.rows = in.rows.as<int32_t>();
   a.batch = batch;
-  a.obs = {queries.as<float>(), positions.as<int32_t>(), window};
+  a.obs = {in.queries.as<float>(), in.positions.as<int32_t>(), window};
   a.stride = c.config.max_tokens_per_head;
   a.keep = keep.as<int32_t>();
   a.error = error.as<int32_t>();
-  a.math = state.range(2) != 0 ? kvtrim::cuda::window_math::tensor_cores : kvtrim::cuda::window_math::exact;
+  a.math = math_of(state);
   const size_t ws_bytes = kvtrim::cuda::workspace_size(a);
   device_memory ws(ws_bytes);
   cudaStream_t stream;
@@ -61,17 +82,59 @@ void run_step(benchmark::State& state, const P& policy, int32_t window) {
   state.counters["copy_fraction"] = benchmark::Counter(kv_bytes / 2 / copy_bandwidth(), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void bm_snapkv(benchmark::State& state) {
-  const int32_t n = static_cast<int32_t>(state.range(1));
-  run_step(state, kvtrim::snapkv({.budget = kvtrim::token_budget::of_tokens(n / 16), .window = 32}), 32);
+kvtrim::snapkv_policy snapkv_of(int32_t n) {
+  return kvtrim::snapkv({.budget = kvtrim::token_budget::of_tokens(n / 16), .window = window});
 }
+
+void bm_snapkv(benchmark::State& state) { run_step(state, snapkv_of(static_cast<int32_t>(state.range(1)))); }
 void bm_ada_kv(benchmark::State& state) {
   const int32_t n = static_cast<int32_t>(state.range(1));
-  run_step(state, kvtrim::ada_kv({.budget = kvtrim::token_budget::of_tokens(n / 16), .window = 32}), 32);
+  run_step(state, kvtrim::ada_kv({.budget = kvtrim::token_budget::of_tokens(n / 16), .window = window}));
 }
 void bm_kv_compress(benchmark::State& state) {
   const int32_t n = static_cast<int32_t>(state.range(1));
-  run_step(state, kvtrim::kv_compress({.budget = kvtrim::token_budget::of_tokens(n / 16), .protected_window = 32}), 32);
+  run_step(state, kvtrim::kv_compress({.budget = kvtrim::token_budget::of_tokens(n / 16), .protected_window = window}));
+}
+
+//! SnapKV's window scores alone (both passes, the GQA mean, max pool 7), as in bm_snapkv.
+void bm_snapkv_window_scores(benchmark::State& state) {
+  if (!have_device()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  const auto batch = static_cast<int32_t>(state.range(0));
+  const auto n = static_cast<int32_t>(state.range(1));
+  step_inputs in(batch, n);
+  if (!in.c.ok) {
+    state.SkipWithError("cache setup failed (device memory?)");
+    return;
+  }
+  const kvtrim::snapkv_policy policy = snapkv_of(n);
+  kvtrim::cuda::window_score_arguments<element> a;
+  a.pool = kvtrim::cuda::make_view(in.c.cache.buffers(), in.c.config);
+  a.rows = in.rows.as<int32_t>();
+  a.batch = batch;
+  a.q_heads = q_heads;
+  a.window = window;
+  a.queries = in.queries.as<float>();
+  a.query_positions = in.positions.as<int32_t>();
+  a.metric = policy.metric;
+  a.protect = policy.protect;
+  a.stride = in.c.config.max_tokens_per_head;
+  device_memory scores(static_cast<size_t>(batch) * kv_heads * a.stride * sizeof(float));
+  a.scores = scores.as<float>();
+  a.math = math_of(state);
+  device_memory ws(kvtrim::cuda::workspace_size(a));
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  kvtrim::status st = kvtrim::status::success;
+  time_iterations(state, stream, [&] { st = kvtrim::cuda::window_scores(a, ws.ptr, stream); });
+  cudaStreamDestroy(stream);
+  if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
+  const double k_bytes = static_cast<double>(batch) * kv_heads * n * head_dim * sizeof(element);
+  report_bandwidth(state, 2 * k_bytes);  // the floor reads K once per pass
+  state.counters["copy_fraction"] =
+      benchmark::Counter(2 * k_bytes / copy_bandwidth(), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void step_args(benchmark::internal::Benchmark* b) {
@@ -85,4 +148,5 @@ void step_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(bm_snapkv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
 BENCHMARK(bm_ada_kv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
 BENCHMARK(bm_kv_compress)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
+BENCHMARK(bm_snapkv_window_scores)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
 BENCHMARK_MAIN();
