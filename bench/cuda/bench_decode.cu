@@ -1,11 +1,14 @@
 // Paged decode attention at the Llama-3-8B shape: B in {1, 8, 32}, n in {4k, 32k, 128k},
-// compression 1x / 4x / 8x / 16x (every head keeps n / ratio tokens).
+// compression 1x / 4x / 8x / 16x (every head keeps n / ratio tokens), launched eagerly
+// (bm_decode) and, at a few of those points, replayed from a CUDA graph (bm_decode_graph), as
+// the PyTorch peers are also timed.
 #include "bench_support.cuh"
 
 namespace {
 using namespace kvtrim_bench;
 
-void bm_decode(benchmark::State& state) {
+//! `graph`: time replays of the launch captured in a CUDA graph instead of eager launches.
+void run_decode(benchmark::State& state, bool graph) {
   if (!have_device()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -40,7 +43,20 @@ void bm_decode(benchmark::State& state) {
   cudaStream_t stream;
   cudaStreamCreate(&stream);
   kvtrim::status st = kvtrim::status::success;
-  time_iterations(state, stream, [&] { st = kvtrim::cuda::decode_attention(a, ws.ptr, stream); });
+  if (graph) {
+    cudaGraphExec_t exec = capture_graph(stream, [&] {
+      st = kvtrim::cuda::decode_attention(a, ws.ptr, stream);
+      return st == kvtrim::status::success;
+    });
+    if (exec) {
+      time_iterations(state, stream, [&] { cudaGraphLaunch(exec, stream); });
+      cudaGraphExecDestroy(exec);
+    } else if (st == kvtrim::status::success) {
+      state.SkipWithError("graph capture failed");
+    }
+  } else {
+    time_iterations(state, stream, [&] { st = kvtrim::cuda::decode_attention(a, ws.ptr, stream); });
+  }
   cudaStreamDestroy(stream);
   if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
   // K and V of every kept token: the memory-traffic floor.
@@ -49,6 +65,9 @@ void bm_decode(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsRate);
   state.counters["copy_fraction"] = benchmark::Counter(bytes / copy_bandwidth(), benchmark::Counter::kIsIterationInvariantRate);
 }
+
+void bm_decode(benchmark::State& state) { run_decode(state, false); }
+void bm_decode_graph(benchmark::State& state) { run_decode(state, true); }
 
 void decode_args(benchmark::internal::Benchmark* b) {
   for (const int64_t batch : {1, 8, 32})
@@ -59,4 +78,13 @@ void decode_args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(bm_decode)->Apply(decode_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "x"});
+// The small caches where launches weigh most, and the decode target's point (B 8, n 32k, 8x).
+BENCHMARK(bm_decode_graph)
+    ->Args({1, 4096, 1})
+    ->Args({1, 32768, 8})
+    ->Args({8, 32768, 8})
+    ->Args({32, 32768, 8})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond)
+    ->ArgNames({"B", "n", "x"});
 BENCHMARK_MAIN();

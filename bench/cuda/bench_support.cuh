@@ -71,6 +71,20 @@ void time_iterations(benchmark::State& state, cudaStream_t stream, F&& body) {
   cudaEventDestroy(stop);
 }
 
+//! `body` (launches on `stream`) captured in a CUDA graph; null if capture or instantiation
+//! failed. The caller destroys it (cudaGraphExecDestroy).
+template <class F>
+cudaGraphExec_t capture_graph(cudaStream_t stream, F&& body) {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) != cudaSuccess) return nullptr;
+  const bool launched = body();
+  const bool captured = cudaStreamEndCapture(stream, &graph) == cudaSuccess;
+  if (!launched || !captured || cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) exec = nullptr;
+  if (graph) cudaGraphDestroy(graph);
+  return exec;
+}
+
 //! Device-to-device copy bandwidth in bytes/s (read + write counted), measured once per run.
 inline double copy_bandwidth() {
   static double bw = [] {
