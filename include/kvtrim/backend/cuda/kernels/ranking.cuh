@@ -8,7 +8,9 @@
 //!    slots first and then the candidates by the tie-break rule: higher score first, equal
 //!    scores -> lower position (a cache never holds one position twice; the stable sort of
 //!    slot-ordered values settles the rest by the lower slot).
-//! 2. CUB segmented radix sort, one segment per (sequence, layer, head).
+//! 2. one sort by (head, key) of every head's entries at once: a stable device-wide radix sort
+//!    by key, then a stable one by head (slots past a head's length carry padding keys, which
+//!    sort after its entries). Values: the slot in the head.
 //! 3. budgets: uniform and pyramid per head; Ada-KV per layer (a second sort, within each
 //!    layer, of its candidates keyed (score desc, head, rank) gives each head's share of the
 //!    layer's top-k, then the safeguard); KV-Compress per sequence (candidate blocks priced by
@@ -21,8 +23,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "kvtrim/backend/cuda/error.cuh"
 #include "kvtrim/backend/cuda/kernels/segmented_sort.cuh"
@@ -166,6 +170,12 @@ template <kv_element T>
   return l;
 }
 
+//! Bits of the first sort's head pass (at least one: CUB sorts on a non-empty bit range).
+[[nodiscard]] inline int32_t head_key_bits(const plan_layout& l) noexcept {
+  const int32_t bits = bits_for(l.heads);
+  return bits > 0 ? bits : 1;
+}
+
 //! CUB's storage for the second sort.
 [[nodiscard]] inline size_t second_sort_bytes(const plan_layout& l) noexcept {
   if (!l.second) return 0;
@@ -174,23 +184,24 @@ template <kv_element T>
 
 }  // namespace detail
 
-//! Sort buffers (two key/value pairs, a third for the Ada-KV / KV-Compress sort), per-head
-//! counters and CUB's temporary storage.
+//! Sort buffers (three key/value pairs: the first sort's two passes, then the Ada-KV /
+//! KV-Compress sort), per-head counters and CUB's temporary storage.
 template <kv_element T>
 [[nodiscard]] size_t workspace_size(const plan_arguments<T>& a) noexcept {
   const detail::plan_layout l = detail::plan_layout_of(a);
   detail::workspace_carver w(nullptr);
-  for (int i = 0; i < 3; ++i) w.take<uint64_t>(i < 2 || l.second ? l.items : 0);
-  for (int i = 0; i < 3; ++i) w.take<int32_t>(i < 2 || l.second ? l.items : 0);
+  for (int i = 0; i < 3; ++i) w.take<uint64_t>(l.items);
+  for (int i = 0; i < 3; ++i) w.take<int32_t>(l.items);
   w.take<int64_t>(l.heads);  // begin
   w.take<int64_t>(l.heads);  // end
   w.take<int64_t>(l.groups + 1);  // second-sort begin/end
   w.take<int32_t>(l.heads * 4);   // next, protected, select, earned
   w.take<int32_t>(l.groups * 2);  // total / wanted
-  const size_t first = workspace_size(segmented_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items,
-                                                               static_cast<int32_t>(l.heads), nullptr, nullptr});
+  const size_t by_key = workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, 64});
+  const size_t by_head =
+      workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, detail::head_key_bits(l)});
   const size_t second = detail::second_sort_bytes(l);
-  w.take<char>(static_cast<int64_t>(first > second ? first : second));
+  w.take<char>(static_cast<int64_t>(std::max({by_key, by_head, second})));
   return w.used();
 }
 
@@ -275,13 +286,42 @@ __global__ void __launch_bounds__(Threads) rank_keys_kernel(const __grid_constan
       key = (static_cast<uint64_t>(~ordered_bits(score)) << 32) | static_cast<uint32_t>(pos);
     }
     p.keys_in[at] = key;
-    p.values_in[at] = j;
+    p.values_in[at] = static_cast<int32_t>(at);  // the global index until the head pass
+  }
+  for (int32_t j = n + static_cast<int32_t>(threadIdx.x); j < a.stride; j += Threads) {
+    const int64_t at = hi * a.stride + j;
+    p.keys_in[at] = ~uint64_t{0};  // padding: after every entry of the head
+    p.values_in[at] = static_cast<int32_t>(at);
   }
   atomicAdd(&s_protect, protected_here);
   __syncthreads();
   if (threadIdx.x == 0) {
     p.next[hi] = next;
     p.protect[hi] = s_protect;
+  }
+}
+
+//! Between the two passes of the first sort: each entry's head (from its global index, the
+//! value of the key pass) is the key of the head pass, its place in the key order the value.
+template <kv_element T>
+__global__ void head_keys_kernel(const __grid_constant__ plan_params<T> p) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.layout.items;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p.keys_in[i] = static_cast<uint64_t>(p.values_out[i] / p.args.stride);
+    p.values_in[i] = static_cast<int32_t>(i);
+  }
+}
+
+//! After the head pass: entry t of the sorted result is entry values2[t] of the key pass, its
+//! value the slot within its head. Written to keys_in / values_in, which plan() then names
+//! keys_out / values_out.
+template <kv_element T>
+__global__ void gather_sorted_kernel(const __grid_constant__ plan_params<T> p) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < p.layout.items;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t i = p.values2[t];
+    p.keys_in[t] = p.keys_out[i];
+    p.values_in[t] = p.values_out[i] % p.args.stride;
   }
 }
 
@@ -563,10 +603,10 @@ template <kv_element T>
   detail::plan_params<T> p{a, l};
   p.keys_in = w.take<uint64_t>(l.items);
   p.keys_out = w.take<uint64_t>(l.items);
-  p.keys2 = w.take<uint64_t>(l.second ? l.items : 0);
+  p.keys2 = w.take<uint64_t>(l.items);
   p.values_in = w.take<int32_t>(l.items);
   p.values_out = w.take<int32_t>(l.items);
-  p.values2 = w.take<int32_t>(l.second ? l.items : 0);
+  p.values2 = w.take<int32_t>(l.items);
   p.begin = w.take<int64_t>(l.heads);
   p.end = w.take<int64_t>(l.heads);
   p.group_offsets = w.take<int64_t>(l.groups + 1);
@@ -585,13 +625,23 @@ template <kv_element T>
   constexpr int32_t pt = default_tuning.planning.threads;
   detail::rank_keys_kernel<T, pt><<<heads, pt, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  if (const status s = segmented_sort({p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
-                                       static_cast<int32_t>(l.heads), p.begin, p.end},
-                                      sort_temp, stream);
+  // The first sort (file comment, 2.): by key, then stably by head; the result lands in
+  // keys_in / values_in, which are then named keys_out / values_out (the buffers swap roles).
+  const int32_t et = default_tuning.elementwise.threads;
+  if (const status s = radix_sort({p.keys_in, p.keys_out, p.values_in, p.values_out, l.items, 64}, sort_temp, stream);
       s != status::success)
     return s;
+  detail::head_keys_kernel<T><<<detail::grid_for(l.items, et), et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  if (const status s = radix_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.items, detail::head_key_bits(l)},
+                                  sort_temp, stream);
+      s != status::success)
+    return s;
+  detail::gather_sorted_kernel<T><<<detail::grid_for(l.items, et), et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  std::swap(p.keys_in, p.keys_out);
+  std::swap(p.values_in, p.values_out);
 
-  const int32_t et = default_tuning.elementwise.threads;
   switch (a.budget.type) {
     case device_budget::kind::uniform:
     case device_budget::kind::pyramid:
