@@ -257,19 +257,6 @@ TEST_CASE("cuda bad input: compaction, moves, append and the sort are refused be
   p.rows = 0;  // nothing to write: a no-op
   CHECK(name(cu::append(p, nullptr, nullptr)) == name(status::success));
 
-  cu::segmented_sort_arguments s{};
-  s.items = int64_t{std::numeric_limits<int32_t>::max()} + 1;
-  s.segments = 1;
-  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::not_supported));
-  s.items = 8;
-  s.end_bit = 0;
-  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::invalid_argument));
-  s.end_bit = 65;
-  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::invalid_argument));
-  s.end_bit = 64;
-  s.items = 0;  // nothing to sort: a no-op
-  CHECK(name(cu::segmented_sort(s, nullptr, nullptr)) == name(status::success));
-
   cu::radix_sort_arguments r{};
   r.items = int64_t{std::numeric_limits<int32_t>::max()} + 1;
   CHECK(name(cu::radix_sort(r, nullptr, nullptr)) == name(status::not_supported));

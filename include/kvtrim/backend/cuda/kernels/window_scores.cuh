@@ -30,7 +30,7 @@
 #include <type_traits>
 
 #include "kvtrim/backend/cuda/error.cuh"
-#include "kvtrim/backend/cuda/kernels/segmented_sort.cuh"
+#include "kvtrim/backend/cuda/kernels/radix_sort.cuh"
 #include "kvtrim/backend/cuda/paged_view.cuh"
 #include "kvtrim/backend/cuda/tuning.cuh"
 #include "kvtrim/config.hpp"

@@ -1,15 +1,13 @@
 #pragma once
-//! \file segmented_sort.cuh
-//! The CUB sorts the backend instantiates, both on (uint64 key, int32 value) pairs, ascending
-//! and stable: `segmented_sort`, in independent segments [begin[i], end[i]) of one array
-//! (segments need not be contiguous; items outside every segment are left alone; CUB gives
-//! each segment one CTA), and `radix_sort`, device-wide over the low `end_bit` bits, for
-//! segments that are contiguous and whose index the keys carry in their high bits. Every
-//! ranking of the backend is encoded into a 64-bit key so that these two instantiations serve
-//! them all (nvcc time).
+//! \file radix_sort.cuh
+//! The one CUB sort the backend instantiates: (uint64 key, int32 value) pairs, ascending and
+//! stable, device-wide over the low `end_bit` bits. Every ranking of the backend is encoded
+//! into a 64-bit key with the segment it belongs to (head, layer, sequence) in its high bits,
+//! or, where the key leaves no room (ranking.cuh's first sort), sorted again stably by segment,
+//! so that this single instantiation serves them all (nvcc time) and every sort uses the whole
+//! GPU rather than one CTA per segment. The key helpers below are shared by those encodings.
 
 #include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_segmented_radix_sort.cuh>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -20,45 +18,6 @@
 
 KVTRIM_NAMESPACE_BEGIN
 namespace cuda {
-
-struct segmented_sort_arguments {
-  const uint64_t* keys_in = nullptr;   //!< [items] device
-  uint64_t* keys_out = nullptr;        //!< [items] device
-  const int32_t* values_in = nullptr;  //!< [items] device
-  int32_t* values_out = nullptr;       //!< [items] device
-  int64_t items = 0;                   //!< size of the arrays (every segment lies inside)
-  int32_t segments = 0;
-  const int64_t* begin = nullptr;      //!< [segments] device
-  const int64_t* end = nullptr;        //!< [segments] device
-  int32_t end_bit = 64;                //!< bits [0, end_bit) of the keys are sorted on
-};
-
-[[nodiscard]] inline status can_implement(const segmented_sort_arguments& a) noexcept {
-  if (a.items < 0 || a.segments < 0 || a.items > INT32_MAX) return status::not_supported;  // CUB's int offsets
-  if (a.end_bit < 1 || a.end_bit > 64) return status::invalid_argument;
-  return status::success;
-}
-
-//! CUB's temporary storage for these sizes (no device data is read).
-[[nodiscard]] inline size_t workspace_size(const segmented_sort_arguments& a) noexcept {
-  size_t bytes = 0;
-  if (a.items == 0 || a.segments == 0) return 0;
-  if (cub::DeviceSegmentedRadixSort::SortPairs(nullptr, bytes, a.keys_in, a.keys_out, a.values_in, a.values_out,
-                                               static_cast<int>(a.items), a.segments, a.begin, a.end) != cudaSuccess)
-    return 0;
-  return bytes;
-}
-
-//! Sorts on `stream`; `workspace` holds workspace_size(a) bytes.
-[[nodiscard]] inline status segmented_sort(const segmented_sort_arguments& a, void* workspace, cudaStream_t stream) {
-  if (const status s = can_implement(a); s != status::success) return s;
-  if (a.items == 0 || a.segments == 0) return status::success;
-  size_t bytes = workspace_size(a);
-  KVTRIM_CUDA_TRY(cub::DeviceSegmentedRadixSort::SortPairs(workspace, bytes, a.keys_in, a.keys_out, a.values_in,
-                                                           a.values_out, static_cast<int>(a.items), a.segments,
-                                                           a.begin, a.end, 0, a.end_bit, stream));
-  return status::success;
-}
 
 struct radix_sort_arguments {
   const uint64_t* keys_in = nullptr;   //!< [items] device
