@@ -194,7 +194,6 @@ template <kv_element T>
   for (int i = 0; i < 3; ++i) w.take<int32_t>(l.items);
   w.take<int64_t>(l.heads);  // begin
   w.take<int64_t>(l.heads);  // end
-  w.take<int64_t>(l.groups + 1);  // second-sort begin/end
   w.take<int32_t>(l.heads * 4);   // next, protected, select, earned
   w.take<int32_t>(l.groups * 2);  // total / wanted
   const size_t by_key = workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, 64});
@@ -219,7 +218,6 @@ struct plan_params {
   int32_t* values2 = nullptr;
   int64_t* begin = nullptr;
   int64_t* end = nullptr;
-  int64_t* group_offsets = nullptr;  // [groups + 1]
   int32_t* next = nullptr;        // [heads] one past the newest position
   int32_t* protect = nullptr;     // [heads] protected slots
   int32_t* select = nullptr;      // [heads] candidates kept (allocator)
@@ -378,12 +376,7 @@ template <kv_element T>
 __global__ void adaptive_prepare_kernel(const __grid_constant__ plan_params<T> p) {
   const auto& a = p.args;
   const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g > p.layout.groups) return;
-  if (g == p.layout.groups) {
-    p.group_offsets[g] = static_cast<int64_t>(g) * a.pool.heads * a.stride;
-    return;
-  }
-  p.group_offsets[g] = static_cast<int64_t>(g) * a.pool.heads * a.stride;
+  if (g >= p.layout.groups) return;
   const int32_t layer = a.first_layer + g % a.layer_count;
   bool compress = layer >= a.budget.skip_layers;
   int64_t total = 0;
@@ -426,7 +419,7 @@ template <kv_element T>
 __global__ void count_top_kernel(const __grid_constant__ plan_params<T> p) {
   const plan_layout& l = p.layout;
   const int32_t g = blockIdx.y;
-  const int64_t base = p.group_offsets[g];
+  const int64_t base = g * l.group_heads * l.span;  // groups are contiguous, group_heads * span entries each
   for (int32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < p.group_total[g]; t += gridDim.x * blockDim.x) {
     const uint32_t local = l.format.local_of(p.keys2[base + t]);
     atomicAdd(&p.earned[g * l.group_heads + local / l.span], 1);
@@ -458,9 +451,7 @@ __global__ void global_prepare_kernel(const __grid_constant__ plan_params<T> p, 
   const auto& a = p.args;
   const int32_t b = blockIdx.x * blockDim.x + threadIdx.x;
   const int32_t heads = a.layer_count * a.pool.heads;
-  if (b > a.batch) return;
-  p.group_offsets[b] = static_cast<int64_t>(b) * heads * max_blocks;
-  if (b == a.batch) return;
+  if (b >= a.batch) return;
   const int32_t bs = a.budget.block_size;
   int64_t blocks = 0, tokens = 0, candidates = 0;
   int32_t next = 0;
@@ -609,7 +600,6 @@ template <kv_element T>
   p.values2 = w.take<int32_t>(l.items);
   p.begin = w.take<int64_t>(l.heads);
   p.end = w.take<int64_t>(l.heads);
-  p.group_offsets = w.take<int64_t>(l.groups + 1);
   int32_t* counters = w.take<int32_t>(l.heads * 4);
   p.next = counters;
   p.protect = counters + l.heads;
@@ -649,7 +639,7 @@ template <kv_element T>
       KVTRIM_CUDA_TRY(cudaGetLastError());
       break;
     case device_budget::kind::adaptive: {
-      detail::adaptive_prepare_kernel<T><<<detail::grid_for(l.groups + 1, 64), 64, 0, stream>>>(p);
+      detail::adaptive_prepare_kernel<T><<<detail::grid_for(l.groups, 64), 64, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
       detail::adaptive_keys_kernel<T><<<detail::grid_for(l.items, et), et, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
@@ -663,7 +653,7 @@ template <kv_element T>
     }
     case device_budget::kind::global_blocks: {
       const auto max_blocks = static_cast<int32_t>(detail::ceil_div(a.stride, a.budget.block_size));
-      detail::global_prepare_kernel<T><<<detail::grid_for(a.batch + 1, 64), 64, 0, stream>>>(p, max_blocks);
+      detail::global_prepare_kernel<T><<<detail::grid_for(a.batch, 64), 64, 0, stream>>>(p, max_blocks);
       KVTRIM_CUDA_TRY(cudaGetLastError());
       detail::global_keys_kernel<T><<<detail::grid_for(l.heads * max_blocks, et), et, 0, stream>>>(p, max_blocks);
       KVTRIM_CUDA_TRY(cudaGetLastError());
