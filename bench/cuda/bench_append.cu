@@ -35,12 +35,7 @@ void bm_append(benchmark::State& state) {
   a.rows = rows;
   a.heads = kv_heads;
   a.tokens = tokens;
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  kvtrim::status st = kvtrim::status::success;
-  time_iterations(state, stream, [&] { st = kvtrim::cuda::append(a, nullptr, stream); });
-  cudaStreamDestroy(stream);
-  if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
+  time_launches(state, [&](cudaStream_t stream) { return kvtrim::cuda::append(a, nullptr, stream); });
   const double bytes = 2.0 * 2.0 * static_cast<double>(rows) * head_dim * sizeof(element);  // read + write K and V
   report_bandwidth(state, bytes);
   state.counters["copy_fraction"] = benchmark::Counter(bytes / copy_bandwidth(), benchmark::Counter::kIsIterationInvariantRate);

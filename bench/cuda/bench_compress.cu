@@ -6,6 +6,8 @@
 // the rest (ranking, budgets, compaction).
 #include "bench_support.cuh"
 
+#include <memory>
+
 namespace {
 using namespace kvtrim_bench;
 
@@ -38,19 +40,27 @@ struct step_inputs {
   }
 };
 
-template <class P>
-void run_step(benchmark::State& state, const P& policy) {
+//! The inputs of a benchmark with args (B, n, ...); null, the benchmark skipped, without a GPU
+//! or the memory for them.
+std::unique_ptr<step_inputs> inputs_or_skip(benchmark::State& state) {
   if (!have_device()) {
     state.SkipWithError("no CUDA device");
-    return;
+    return nullptr;
   }
-  const auto batch = static_cast<int32_t>(state.range(0));
-  const auto n = static_cast<int32_t>(state.range(1));
-  step_inputs in(batch, n);
-  if (!in.c.ok) {
+  auto in = std::make_unique<step_inputs>(static_cast<int32_t>(state.range(0)), static_cast<int32_t>(state.range(1)));
+  if (!in->c.ok) {
     state.SkipWithError("cache setup failed (device memory?)");
-    return;
+    return nullptr;
   }
+  return in;
+}
+
+template <class P>
+void run_step(benchmark::State& state, const P& policy) {
+  const std::unique_ptr<step_inputs> inputs = inputs_or_skip(state);
+  if (!inputs) return;
+  step_inputs& in = *inputs;  // make_view takes the cache's writable buffers
+  const int32_t batch = in.batch, n = in.n;
   layer_cache& c = in.c;
   const kvtrim::attention_shape model{1, q_heads, kv_heads, head_dim};
   device_memory keep(static_cast<size_t>(batch) * kv_heads * sizeof(int32_t)), error(sizeof(int32_t));
@@ -67,15 +77,10 @@ void run_step(benchmark::State& state, const P& policy) {
   a.math = math_of(state);
   const size_t ws_bytes = kvtrim::cuda::workspace_size(a);
   device_memory ws(ws_bytes);
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  kvtrim::status st = kvtrim::status::success;
   // Repeated steps on the same (already compacted) cache: the first iteration compacts, the
   // rest measure the steady state of scoring and planning a full-length head (lengths are
   // not committed, so every step sees n tokens).
-  time_iterations(state, stream, [&] { st = kvtrim::cuda::compress_on_device(a, ws.ptr, stream); });
-  cudaStreamDestroy(stream);
-  if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
+  time_launches(state, [&](cudaStream_t stream) { return kvtrim::cuda::compress_on_device(a, ws.ptr, stream); });
   const double kv_bytes = 2.0 * batch * kv_heads * static_cast<double>(n) * head_dim * sizeof(element);
   report_bandwidth(state, kv_bytes / 2);  // the floor reads K once
   state.counters["workspace_fraction"] = static_cast<double>(ws_bytes) / kv_bytes;
@@ -98,17 +103,10 @@ void bm_kv_compress(benchmark::State& state) {
 
 //! SnapKV's window scores alone (both passes, the GQA mean, max pool 7), as in bm_snapkv.
 void bm_snapkv_window_scores(benchmark::State& state) {
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
-  const auto batch = static_cast<int32_t>(state.range(0));
-  const auto n = static_cast<int32_t>(state.range(1));
-  step_inputs in(batch, n);
-  if (!in.c.ok) {
-    state.SkipWithError("cache setup failed (device memory?)");
-    return;
-  }
+  const std::unique_ptr<step_inputs> inputs = inputs_or_skip(state);
+  if (!inputs) return;
+  step_inputs& in = *inputs;  // make_view takes the cache's writable buffers
+  const int32_t batch = in.batch, n = in.n;
   const kvtrim::snapkv_policy policy = snapkv_of(n);
   kvtrim::cuda::window_score_arguments<element> a;
   a.pool = kvtrim::cuda::make_view(in.c.cache.buffers(), in.c.config);
@@ -125,12 +123,7 @@ void bm_snapkv_window_scores(benchmark::State& state) {
   a.scores = scores.as<float>();
   a.math = math_of(state);
   device_memory ws(kvtrim::cuda::workspace_size(a));
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  kvtrim::status st = kvtrim::status::success;
-  time_iterations(state, stream, [&] { st = kvtrim::cuda::window_scores(a, ws.ptr, stream); });
-  cudaStreamDestroy(stream);
-  if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
+  time_launches(state, [&](cudaStream_t stream) { return kvtrim::cuda::window_scores(a, ws.ptr, stream); });
   const double k_bytes = static_cast<double>(batch) * kv_heads * n * head_dim * sizeof(element);
   report_bandwidth(state, 2 * k_bytes);  // the floor reads K once per pass
   state.counters["copy_fraction"] =

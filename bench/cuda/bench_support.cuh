@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "kvtrim/cuda.cuh"
@@ -69,6 +70,18 @@ void time_iterations(benchmark::State& state, cudaStream_t stream, F&& body) {
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+}
+
+//! Times `launch(stream)`, which returns the kvtrim::status of its launches, on a stream of its
+//! own; a failing status skips the benchmark with the status's name.
+template <class F>
+void time_launches(benchmark::State& state, F&& launch) {
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  kvtrim::status st = kvtrim::status::success;
+  time_iterations(state, stream, [&] { st = launch(stream); });
+  cudaStreamDestroy(stream);
+  if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
 }
 
 //! `body` (launches on `stream`) captured in a CUDA graph; null if capture or instantiation
