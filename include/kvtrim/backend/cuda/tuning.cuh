@@ -22,8 +22,10 @@ struct attention_tuning {
 
 //! Window scores (kernels/window_scores.cuh; the CTA shape is fixed there).
 struct window_tuning {
-  int64_t target_ctas = 512;     //!< split each head's keys for about this many CTAs,
-  int32_t min_split_keys = 64;   //!< each scoring at least this many keys
+  int64_t target_ctas = 2048;    //!< split each head's keys for about this many CTAs (waves of
+                                 //!< two or three per SM: the tail wave stays small),
+  int32_t min_split_keys = 256;  //!< each scoring at least this many keys (staging its pair
+                                 //!< block costs about as much as scoring one 64-key tile)
   int32_t max_split_keys = 4096; //!< and at most this many
 };
 

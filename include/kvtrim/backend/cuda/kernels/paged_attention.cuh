@@ -4,7 +4,9 @@
 //! lengths (KV-Compress's layout, §6; the CPU semantics are backend/cpu/paged_attention.hpp).
 //! GQA: one pass over each KV head serves its G query heads; K/V are never repeated.
 //! Flash-decoding split: each CTA reads `tokens_per_split` keys of one head for all G queries
-//! and keeps an online softmax in fp32; a second kernel merges the splits. With accumulation
+//! and keeps an online softmax in fp32; a second kernel merges the splits. Logits are kept in
+//! base 2 (the query is scaled once by log2(e) / sqrt(d)), so each probability is one exp2
+//! rather than a division and an exp per key and query head. With accumulation
 //! on, the split kernel also stores each key's logit and a third kernel adds every key's
 //! probability (H2O sum) or squared probability (KV-Compress L2), reduced over the group, to
 //! its slot metric: the scores fused attention kernels of the references cannot give.
@@ -118,7 +120,7 @@ struct decode_params {
   int32_t group;
   int32_t splits;
   int32_t split_tokens;
-  float sqrt_d;
+  float logit_scale;  // base2_logit_scale(d)
   float* partial_acc;
   float* partial_stats;
   float* logits;
@@ -219,7 +221,7 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
 #pragma unroll
     for (int32_t e = 0; e < epl; ++e) {
       const int32_t c = element_of<T, HeadDim>(sub, e);
-      q[g][e] = (g < G && c < d) ? qb[static_cast<int64_t>(g) * d + c] : 0.f;
+      q[g][e] = (g < G && c < d) ? qb[static_cast<int64_t>(g) * d + c] * p.logit_scale : 0.f;
       acc[g][e] = 0.f;
     }
   }
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
 #pragma unroll
           for (int32_t offset = lpk / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
         }
-        logit[u][g] = dot / p.sqrt_d;
+        logit[u][g] = dot;
       }
     }
 #pragma unroll
@@ -262,14 +264,14 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
       for (int32_t u = 0; u < unroll; ++u)
         if (valid[u]) m_new = fmaxf(m_new, logit[u][g]);
       if (m_new == -INFINITY) continue;  // no valid key in this round
-      const float scale = expf(m[g] - m_new);
+      const float scale = exp2f(m[g] - m_new);
       s[g] *= scale;
 #pragma unroll
       for (int32_t e = 0; e < epl; ++e) acc[g][e] *= scale;
 #pragma unroll
       for (int32_t u = 0; u < unroll; ++u) {
         if (!valid[u]) continue;
-        const float w = expf(logit[u][g] - m_new);
+        const float w = exp2f(logit[u][g] - m_new);
         s[g] += w;
 #pragma unroll
         for (int32_t e = 0; e < epl; ++e) acc[g][e] += w * v[u].at(e, sub, d, true);
@@ -306,7 +308,7 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
     float sum = 0.f, out = 0.f;
     if (mx != -INFINITY) {
       for (int32_t t = 0; t < subgroups; ++t) {
-        const float f = expf(smax[t * G + g] - mx);
+        const float f = exp2f(smax[t * G + g] - mx);
         sum += ssum[t * G + g] * f;
         out += sacc[(static_cast<int64_t>(t) * G + g) * d + c] * f;
       }
@@ -337,7 +339,7 @@ __global__ void decode_combine_kernel(const __grid_constant__ decode_params<T> p
 #pragma unroll 4
   for (int32_t t = 0; t < p.splits; ++t) {
     const float pm = stats[(t * G + g) * 2];
-    const float f = pm == -INFINITY ? 0.f : expf(pm - mx);
+    const float f = pm == -INFINITY ? 0.f : exp2f(pm - mx);
     sum += stats[(t * G + g) * 2 + 1] * f;
     out += p.partial_acc[((hs * p.splits + t) * G + g) * d + c] * f;
   }
@@ -348,7 +350,8 @@ __global__ void decode_combine_kernel(const __grid_constant__ decode_params<T> p
   }
 }
 
-//! slot metric += the group reduction of p (sum) or p^2 (squared_sum), p = exp(logit - M) / S.
+//! slot metric += the group reduction of p (sum) or p^2 (squared_sum), p = 2^(logit - M) / S
+//! (base-2 logit and max).
 template <kv_element T>
 __global__ void decode_metric_kernel(const __grid_constant__ decode_params<T> p) {
   const auto& a = p.args;
@@ -361,7 +364,7 @@ __global__ void decode_metric_kernel(const __grid_constant__ decode_params<T> p)
     float v = 0.f;
     for (int32_t g = 0; g < G; ++g) {
       const float mx = p.stats[(hs * G + g) * 2], sum = p.stats[(hs * G + g) * 2 + 1];
-      float x = expf(p.logits[(hs * G + g) * a.max_length + j] - mx) / sum;
+      float x = exp2f(p.logits[(hs * G + g) * a.max_length + j] - mx) / sum;
       if (a.accumulate == decode_accumulation::squared_sum) x *= x;
       v = a.reduce == gqa_reduce::max ? (g == 0 ? x : fmaxf(v, x)) : v + x;
     }
@@ -426,8 +429,8 @@ template <kv_element T>
   if (!workspace) return status::invalid_argument;
   const detail::decode_layout l = detail::decode_layout_of(a);
   detail::workspace_carver w(workspace);
-  detail::decode_params<T> p{a, l.group, l.splits, l.split_tokens,
-                             std::sqrt(static_cast<float>(a.pool.head_dim)), nullptr, nullptr, nullptr, nullptr};
+  detail::decode_params<T> p{a,       l.group, l.splits, l.split_tokens, detail::base2_logit_scale(a.pool.head_dim),
+                             nullptr, nullptr, nullptr, nullptr};
   p.partial_acc = w.take<float>(l.partial_acc);
   p.partial_stats = w.take<float>(l.partial_stats);
   if (a.accumulate != decode_accumulation::none) {

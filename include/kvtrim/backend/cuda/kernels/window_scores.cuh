@@ -7,12 +7,14 @@
 //! mask by position, plain or squared probabilities summed (or averaged) over the window
 //! queries, the GQA reduction, and max / avg pooling along positions.
 //!
-//! One CTA scores a split of one head's keys for a block of up to 128 (query head, row)
-//! pairs, staged once in shared memory, one tile of 64 keys at a time; each thread owns a
-//! 4-pair x 8-key tile of logits. Two passes over K: pass 1 keeps every pair's running softmax
-//! max and denominator in registers (merged over the CTA's lanes, then over splits), pass 2
+//! One CTA scores a split of one head's keys for a block of (query head, row) pairs (128 on
+//! the exact path, 64 with tensor cores), staged once in shared memory, one tile of 64 keys at
+//! a time; each thread owns a 4-pair x 8-key tile of logits. Two passes over K: pass 1 keeps
+//! every pair's running softmax max and denominator in registers (merged over the CTA's lanes,
+//! then over splits), pass 2
 //! the probabilities, summed per (query head, key) over the rows in ascending order (the
-//! CPU's order). No w x n matrix is stored.
+//! CPU's order). No w x n matrix is stored. Logits are in base 2: the staged queries are
+//! scaled once by log2(e) / sqrt(d), so each probability is one exp2 (no division, no exp).
 //!
 //! How the logits are computed is a compile-time policy of the two kernels (`window_math`):
 //! - `exact` (default): fp32 CUDA cores, dot products in the CPU's order over d, so scores
@@ -23,7 +25,6 @@
 //!   the fp32 sums differs from `exact`; a single bf16 MMA would round the queries instead.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
-#include <mma.h>
 
 #include <cmath>
 #include <cstdint>
@@ -64,8 +65,9 @@ struct window_score_arguments {
 };
 
 //! Shared memory holds a 128-pair block and a 64-key tile in fp32: about 100 KiB at head dim
-//! 128 and 205 KiB at 256 (within sm_90's 227 KiB per block). The tensor-core path holds the
-//! block three times in bf16 plus a 128 x 64 fp32 logit tile: 154 KiB at 128.
+//! 128 and 205 KiB at 256 (within sm_90's 227 KiB per block). The tensor-core path holds a
+//! 64-pair block three times in bf16 and a 64-key bf16 tile that the 64 x 64 fp32 logit tile
+//! reuses: 69 KiB at 128, so three CTAs share an SM.
 inline constexpr int32_t max_window_head_dim = 256;
 inline constexpr int32_t max_tensor_core_head_dim = 128;
 
@@ -103,13 +105,12 @@ template <kv_element T>
 
 namespace detail {
 
-//! The CTA's shape: 32 pair groups x 8 key groups of threads, each thread 4 pairs x 8 keys.
-inline constexpr int32_t window_threads = 256;
-inline constexpr int32_t window_pairs = 128;   // pairs per block
+//! The CTA's shape (the logit policy sets the pairs per block): pairs / 4 pair groups x 8 key
+//! groups of threads, each thread 4 pairs x 8 keys of a 64-key tile.
 inline constexpr int32_t window_keys = 64;     // keys per tile
-inline constexpr int32_t pair_pitch = window_pairs + 4;  // transposed rows, 16-byte aligned
 inline constexpr int32_t key_pitch = window_keys + 4;
 inline constexpr int32_t prob_pitch = window_keys + 1;
+[[nodiscard]] constexpr int32_t window_threads_for(int32_t pairs) noexcept { return pairs / 4 * (window_keys / 8); }
 //! Pooling sorts every head's slots by position in one device-wide sort: key = head << 32 |
 //! position (a non-negative int32), slots past the head's length padded with position bits
 //! all ones, so each head's slots stay in its stride-long segment, in position order.
@@ -181,7 +182,7 @@ template <kv_element T>
 struct window_params {
   window_score_arguments<T> args;
   window_layout layout;
-  float sqrt_d = 0.f;
+  float logit_scale = 0.f;  // base2_logit_scale(d): the staged queries' factor
   float* partial = nullptr;
   float* stats = nullptr;
   float* agg = nullptr;
@@ -224,13 +225,13 @@ __device__ __forceinline__ const float* pair_query(const window_params<T>& p, co
   return a.queries + ((lb * a.window + r) * a.q_heads + qh0 + g) * a.pool.head_dim;
 }
 
-//! Positions of pairs [first, first + count) (-1 past the block), and of keys [base, base +
-//! count) of a head (INT32_MAX past the tile: the causal test masks them).
+//! Positions of pairs [first, first + count) of a block of `pairs` (-1 past the count), and
+//! of keys [base, base + count) of a head (INT32_MAX past the tile: the causal test masks them).
 template <kv_element T>
 __device__ void stage_pair_positions(const window_params<T>& p, const window_head<T>& wh, int32_t first,
-                                     int32_t count, int32_t* sqpos) {
+                                     int32_t count, int32_t pairs, int32_t* sqpos) {
   const auto& a = p.args;
-  for (int32_t q = threadIdx.x; q < window_pairs; q += blockDim.x)
+  for (int32_t q = threadIdx.x; q < pairs; q += blockDim.x)
     sqpos[q] = q < count ? a.query_positions[static_cast<int64_t>(wh.b) * a.window + (first + q) % a.window] : -1;
 }
 template <kv_element T>
@@ -244,10 +245,10 @@ __device__ void stage_key_positions(const paged_view<T>& pool, int64_t head, int
 struct window_smem_view {
   void* q;         // the pair block
   void* k;         // the key tile
-  float* logits;   // tensor cores: the 128 x 64 fp32 logit tile
-  float* probs;    // pass 2: [window_pairs][prob_pitch], written once the logits are in registers
+  float* logits;   // tensor cores: the pairs x 64 fp32 logit tile, over the key tile
+  float* probs;    // pass 2: [pairs][prob_pitch], written once the logits are in registers
   int32_t* skpos;  // [window_keys]
-  int32_t* sqpos;  // [window_pairs]
+  int32_t* sqpos;  // [pairs]
 };
 
 [[nodiscard]] __host__ __device__ constexpr int64_t round_up_128(int64_t bytes) noexcept { return (bytes + 127) / 128 * 128; }
@@ -255,13 +256,17 @@ struct window_smem_view {
 //! window_math::exact: the pair block [d][pair_pitch] and the key tile [d][key_pitch] in fp32,
 //! transposed so each thread reads float4 rows; the probability tile reuses the key tile.
 struct exact_logits {
+  static constexpr int32_t pairs = 128;
+  static constexpr int32_t threads = window_threads_for(pairs);
+  static constexpr int32_t min_blocks = 1;
+  static constexpr int32_t pair_pitch = pairs + 4;  // transposed rows, 16-byte aligned
   [[nodiscard]] __host__ __device__ static int64_t tile_floats(int32_t d) noexcept {
-    const int64_t keys = static_cast<int64_t>(d) * key_pitch, probs = static_cast<int64_t>(window_pairs) * prob_pitch;
+    const int64_t keys = static_cast<int64_t>(d) * key_pitch, probs = static_cast<int64_t>(pairs) * prob_pitch;
     return keys > probs ? keys : probs;
   }
   [[nodiscard]] static size_t smem_bytes(int32_t d) noexcept {
     return static_cast<size_t>((static_cast<int64_t>(d) * pair_pitch + tile_floats(d)) * sizeof(float) +
-                               (window_keys + window_pairs) * sizeof(int32_t));
+                               (window_keys + pairs) * sizeof(int32_t));
   }
   __device__ static window_smem_view view(char* smem, int32_t d) {
     window_smem_view v;
@@ -278,11 +283,11 @@ struct exact_logits {
                                      const window_smem_view& v) {
     const int32_t d = p.args.pool.head_dim;
     float* sq = static_cast<float*>(v.q);
-    for (int32_t i = threadIdx.x; i < window_pairs * d; i += blockDim.x) {
+    for (int32_t i = threadIdx.x; i < pairs * d; i += blockDim.x) {
       const int32_t q = i / d, c = i - q * d;
-      sq[c * pair_pitch + q] = q < count ? pair_query(p, wh, first + q)[c] : 0.f;
+      sq[c * pair_pitch + q] = q < count ? pair_query(p, wh, first + q)[c] * p.logit_scale : 0.f;
     }
-    stage_pair_positions(p, wh, first, count, v.sqpos);
+    stage_pair_positions(p, wh, first, count, pairs, v.sqpos);
   }
   //! A key tile, loaded and staged when stored: fetch() only notes which keys (see
   //! tensor_core_logits::key_tile for the prefetching one). Lanes walk keys fastest, so the
@@ -310,7 +315,7 @@ struct exact_logits {
     }
   };
   //! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending.
-  __device__ static void tile(const window_smem_view& v, int32_t d, float sqrt_d, float (&x)[4][8]) {
+  __device__ static void tile(const window_smem_view& v, int32_t d, float (&x)[4][8]) {
     const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
     const float* sq = static_cast<const float*>(v.q);
     const float* sk = static_cast<const float*>(v.k);
@@ -329,44 +334,70 @@ struct exact_logits {
 #pragma unroll
         for (int32_t j = 0; j < 8; ++j) x[i][j] += qv[i] * kv[j];
     }
-#pragma unroll
-    for (int32_t i = 0; i < 4; ++i)
-#pragma unroll
-      for (int32_t j = 0; j < 8; ++j) x[i][j] /= sqrt_d;
   }
 };
+
+//! The shared-memory (32-bit) address of a pointer into shared memory.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+//! Four 8 x 8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
+//! l / 8 and gets, in r[i], elements 2 (l % 4) and + 1 of row l / 4 of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address)
+               : "memory");
+}
+//! d += a b: one m16n8k16 MMA, bf16 inputs, fp32 accumulation (sm_80+; PTX ISA fragment layout).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
 //! window_math::tensor_cores (bf16 K): the pair block as three bf16 matrices [pair][pitch]
 //! (hi, mid, lo: hi + mid + lo == the fp32 query), the key tile [key][pitch] in bf16 as
 //! stored, both zero-padded to a multiple of 16 along d; warp w computes logit rows
-//! [16 w, 16 w + 16) x 64 keys with WMMA (16 x 16 x 16), small terms first, into an fp32 tile
-//! that each thread then reads its 4 x 8 from. The probability tile reuses the logit tile.
+//! [16 w, 16 w + 16) x 64 keys with m16n8k16 MMAs (ldmatrix, mma.sync), small terms first, into an fp32 tile
+//! over the key tile, from which each thread reads its 4 x 8 (rows of its own warp). The
+//! probability tile reuses it too. 64 pairs (four warps) keep the shared memory to about 69
+//! KiB at head dim 128, so three CTAs share an SM and one CTA's MMAs overlap another's softmax.
 struct tensor_core_logits {
-  static constexpr int32_t logit_pitch = window_keys + 4;  // fp32 elements; WMMA wants a multiple of 4
-  static_assert(window_threads / 32 * 16 == window_pairs, "one warp per 16 pair rows");
-  static_assert(window_pairs * prob_pitch <= window_pairs * logit_pitch, "the probability tile fits the logit tile");
+  static constexpr int32_t pairs = 64;
+  static constexpr int32_t threads = window_threads_for(pairs);
+  static constexpr int32_t min_blocks = 3;
+  //! fp32 elements: a multiple of 4 (float4 reads), and 8 banks per row so the float2 stores of
+  //! a half-warp's four rows do not conflict.
+  static constexpr int32_t logit_pitch = window_keys + 8;
+  static_assert(threads / 32 * 16 == pairs, "one warp per 16 pair rows");
+  static_assert(prob_pitch <= logit_pitch, "the probability tile fits the logit tile");
 
   [[nodiscard]] __host__ __device__ static constexpr int32_t padded(int32_t d) noexcept { return (d + 15) / 16 * 16; }
   //! bf16 row pitch: 16 bytes past a multiple of 32 shifts each row by four banks (ldmatrix
-  //! reads eight rows at once without conflicts) and keeps WMMA's 32-byte alignment per 16 rows.
+  //! reads eight rows at once without conflicts) and keeps every row 16-byte aligned.
   [[nodiscard]] __host__ __device__ static constexpr int32_t pitch(int32_t d) noexcept { return padded(d) + 8; }
   [[nodiscard]] __host__ __device__ static int64_t q_bytes(int32_t d) noexcept {
-    return round_up_128(3LL * window_pairs * pitch(d) * 2);
+    return round_up_128(3LL * pairs * pitch(d) * 2);
   }
-  [[nodiscard]] __host__ __device__ static int64_t k_bytes(int32_t d) noexcept {
-    return round_up_128(static_cast<int64_t>(window_keys) * pitch(d) * 2);
+  static constexpr int64_t logit_bytes = static_cast<int64_t>(pairs) * logit_pitch * sizeof(float);
+  //! The key tile, which the logit (and probability) tile overwrites once every warp's MMAs
+  //! are done with it.
+  [[nodiscard]] __host__ __device__ static int64_t tile_bytes(int32_t d) noexcept {
+    const int64_t keys = static_cast<int64_t>(window_keys) * pitch(d) * 2;
+    return round_up_128(keys > logit_bytes ? keys : logit_bytes);
   }
-  static constexpr int64_t logit_bytes = static_cast<int64_t>(window_pairs) * logit_pitch * sizeof(float);
   [[nodiscard]] static size_t smem_bytes(int32_t d) noexcept {
-    return static_cast<size_t>(q_bytes(d) + k_bytes(d) + logit_bytes + (window_keys + window_pairs) * sizeof(int32_t));
+    return static_cast<size_t>(q_bytes(d) + tile_bytes(d) + (window_keys + pairs) * sizeof(int32_t));
   }
   __device__ static window_smem_view view(char* smem, int32_t d) {
     window_smem_view v;
     v.q = smem;
     v.k = smem + q_bytes(d);
-    v.logits = reinterpret_cast<float*>(smem + q_bytes(d) + k_bytes(d));
+    v.logits = static_cast<float*>(v.k);
     v.probs = v.logits;
-    v.skpos = reinterpret_cast<int32_t*>(smem + q_bytes(d) + k_bytes(d) + logit_bytes);
+    v.skpos = reinterpret_cast<int32_t*>(smem + q_bytes(d) + tile_bytes(d));
     v.sqpos = v.skpos + window_keys;
     return v;
   }
@@ -375,89 +406,109 @@ struct tensor_core_logits {
                                      const window_smem_view& v) {
     const int32_t d = p.args.pool.head_dim, dp = padded(d), ld = pitch(d);
     __nv_bfloat16* hi = static_cast<__nv_bfloat16*>(v.q);
-    __nv_bfloat16* mid = hi + window_pairs * ld;
-    __nv_bfloat16* lo = mid + window_pairs * ld;
-    for (int32_t i = threadIdx.x; i < window_pairs * dp; i += blockDim.x) {
-      const int32_t q = i / dp, c = i - q * dp;
-      const float x = q < count && c < d ? pair_query(p, wh, first + q)[c] : 0.f;
-      // Each residual is exact in fp32; three bf16 terms hold all 24 significand bits.
-      const __nv_bfloat16 h = __float2bfloat16_rn(x);
-      const float r = x - __bfloat162float(h);
-      const __nv_bfloat16 m = __float2bfloat16_rn(r);
-      hi[q * ld + c] = h;
-      mid[q * ld + c] = m;
-      lo[q * ld + c] = __float2bfloat16_rn(r - __bfloat162float(m));
+    __nv_bfloat16* mid = hi + pairs * ld;
+    __nv_bfloat16* lo = mid + pairs * ld;
+    for (int32_t q = threadIdx.x / 32; q < pairs; q += threads / 32) {  // a warp per row, lanes along d
+      const float* row = q < count ? pair_query(p, wh, first + q) : nullptr;
+      for (int32_t c = threadIdx.x % 32; c < dp; c += 32) {
+        const float x = row && c < d ? row[c] * p.logit_scale : 0.f;
+        // Each residual is exact in fp32; three bf16 terms hold all 24 significand bits.
+        const __nv_bfloat16 h = __float2bfloat16_rn(x);
+        const float r = x - __bfloat162float(h);
+        const __nv_bfloat16 m = __float2bfloat16_rn(r);
+        hi[q * ld + c] = h;
+        mid[q * ld + c] = m;
+        lo[q * ld + c] = __float2bfloat16_rn(r - __bfloat162float(m));
+      }
     }
-    stage_pair_positions(p, wh, first, count, v.sqpos);
+    stage_pair_positions(p, wh, first, count, pairs, v.sqpos);
   }
   //! A key tile prefetched into registers: fetch() issues the 16-byte loads of the stored
   //! bf16 rows (d % 8 == 0, so every row is 16-byte aligned) and their positions, which land
-  //! while the CTA works on the previous tile; store() writes them to shared memory. With one
-  //! CTA per SM (the shared memory above), nothing else would hide that latency.
+  //! while the CTA works on the previous tile; store() writes them to shared memory.
   template <kv_element T>
   struct key_tile {
     static_assert(std::is_same_v<T, bfloat16>, "the tensor-core path reads bf16 keys");
-    static constexpr int32_t max_chunks = window_keys * (max_tensor_core_head_dim / 8) / window_threads;
+    static constexpr int32_t max_chunks = window_keys * (max_tensor_core_head_dim / 8) / threads;
     uint4 chunk[max_chunks];
     int32_t position = 0;  // of key threadIdx.x (threads below window_keys)
     int32_t d = 0;
 
-    __device__ void fetch(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count) {
-      d = pool.head_dim;
-      const int32_t chunks = padded(d) / 8;
+    //! Calls f(r, k, ch) for this thread's chunks: chunk r is 16-byte chunk ch of key k of the
+    //! tile (k may pass the tile). Steps instead of dividing per chunk (d is a run-time value).
+    template <class F>
+    __device__ static void for_each_chunk(int32_t chunks, F&& f) {
+      int32_t k = static_cast<int32_t>(threadIdx.x) / chunks;
+      int32_t ch = static_cast<int32_t>(threadIdx.x) - k * chunks;
+      const int32_t k_step = threads / chunks, ch_step = threads - k_step * chunks;
 #pragma unroll
       for (int32_t r = 0; r < max_chunks; ++r) {
-        const int32_t i = static_cast<int32_t>(threadIdx.x) + r * window_threads;
-        const int32_t k = i / chunks, ch = i - k * chunks;
-        chunk[r] = uint4{0u, 0u, 0u, 0u};
-        if (i < window_keys * chunks && k < count && ch * 8 < d)
-          chunk[r] = *reinterpret_cast<const uint4*>(pool.keys + pool.physical(head, base + k) * d + ch * 8);
+        f(r, k, ch);
+        k += k_step;
+        ch += ch_step;
+        if (ch >= chunks) ch -= chunks, ++k;
       }
+    }
+
+    __device__ void fetch(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count) {
+      d = pool.head_dim;
+      for_each_chunk(padded(d) / 8, [&](int32_t r, int32_t k, int32_t ch) {
+        chunk[r] = uint4{0u, 0u, 0u, 0u};
+        if (k < count && ch * 8 < d)
+          chunk[r] = *reinterpret_cast<const uint4*>(pool.keys + pool.physical(head, base + k) * d + ch * 8);
+      });
       if (threadIdx.x < window_keys)
         position = static_cast<int32_t>(threadIdx.x) < count
                        ? pool.positions[pool.physical(head, base + static_cast<int32_t>(threadIdx.x))]
                                                              : INT32_MAX;
     }
     __device__ void store(const window_smem_view& v) const {
-      const int32_t chunks = padded(d) / 8, ld = pitch(d);
+      const int32_t ld = pitch(d);
       auto* sk = static_cast<__nv_bfloat16*>(v.k);
-#pragma unroll
-      for (int32_t r = 0; r < max_chunks; ++r) {
-        const int32_t i = static_cast<int32_t>(threadIdx.x) + r * window_threads;
-        const int32_t k = i / chunks, ch = i - k * chunks;
-        if (i < window_keys * chunks) *reinterpret_cast<uint4*>(sk + k * ld + ch * 8) = chunk[r];
-      }
+      for_each_chunk(padded(d) / 8, [&](int32_t r, int32_t k, int32_t ch) {
+        if (k < window_keys) *reinterpret_cast<uint4*>(sk + k * ld + ch * 8) = chunk[r];
+      });
       if (threadIdx.x < window_keys) v.skpos[threadIdx.x] = position;
     }
   };
-  //! Every thread of the CTA must call it (it synchronises the CTA once).
-  __device__ static void tile(const window_smem_view& v, int32_t d, float sqrt_d, float (&x)[4][8]) {
+  //! Every thread of the CTA must call it (it synchronises the CTA once: the logits overwrite
+  //! the key tile). Each thread's 4 x 8 logits are rows of its own warp's MMAs.
+  __device__ static void tile(const window_smem_view& v, int32_t d, float (&x)[4][8]) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    namespace wmma = nvcuda::wmma;
-    const int32_t ld = pitch(d), dp = padded(d), row = 16 * static_cast<int32_t>(threadIdx.x / 32);
-    const auto* hi = static_cast<const __nv_bfloat16*>(v.q);
-    const __nv_bfloat16* terms[3] = {hi + 2 * window_pairs * ld, hi + window_pairs * ld, hi};  // lo, mid, hi
-    const auto* sk = static_cast<const __nv_bfloat16*>(v.k);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[window_keys / 16];
-#pragma unroll
-    for (int32_t n = 0; n < window_keys / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    const int32_t ld = pitch(d), dp = padded(d), lane = static_cast<int32_t>(threadIdx.x % 32);
+    const int32_t row = 16 * static_cast<int32_t>(threadIdx.x / 32);
+    const uint32_t term_bytes = static_cast<uint32_t>(pairs * ld * 2);
+    // ldmatrix row addresses (bf16 elements -> bytes): A, lane -> row `row + lane % 16` at
+    // column 8 * (lane / 16); B (two 8-key tiles), lane -> key lane % 8 + 8 * (lane / 16) at
+    // column 8 * (lane / 8 % 2). Each lands as the m16n8k16 fragment of that lane.
+    const uint32_t a_addr = shared_address(v.q) + static_cast<uint32_t>(((row + lane % 16) * ld + 8 * (lane / 16)) * 2);
+    const uint32_t b_addr = shared_address(v.k) + static_cast<uint32_t>(((lane % 8 + 8 * (lane / 16)) * ld + 8 * (lane / 8 % 2)) * 2);
+    float acc[window_keys / 8][4] = {};  // 8-key tile n: rows lane / 4 and + 8, keys 8 n + 2 (lane % 4) + {0, 1}
     for (int32_t c = 0; c < dp; c += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[3];
+      uint32_t a[3][4];  // lo, mid, hi
 #pragma unroll
-      for (int32_t t = 0; t < 3; ++t) wmma::load_matrix_sync(a[t], terms[t] + row * ld + c, ld);
+      for (int32_t t = 0; t < 3; ++t) ldmatrix_x4(a[t], a_addr + (2 - t) * term_bytes + c * 2);
 #pragma unroll
       for (int32_t n = 0; n < window_keys / 16; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;  // K^T: key n is column n
-        wmma::load_matrix_sync(b, sk + 16 * n * ld + c, ld);
+        uint32_t b[4];
+        ldmatrix_x4(b, b_addr + static_cast<uint32_t>((16 * n * ld + c) * 2));
 #pragma unroll
-        for (int32_t t = 0; t < 3; ++t) wmma::mma_sync(acc[n], a[t], b, acc[n]);
+        for (int32_t t = 0; t < 3; ++t) {
+          mma_bf16_16816(acc[2 * n], a[t], b[0], b[1]);
+          mma_bf16_16816(acc[2 * n + 1], a[t], b[2], b[3]);
+        }
       }
     }
+    __syncthreads();  // every warp is done with the key tile
 #pragma unroll
-    for (int32_t n = 0; n < window_keys / 16; ++n)
-      wmma::store_matrix_sync(v.logits + row * logit_pitch + 16 * n, acc[n], logit_pitch, wmma::mem_row_major);
-    __syncthreads();
+    for (int32_t n = 0; n < window_keys / 8; ++n) {
+      float* out = v.logits + (row + lane / 4) * logit_pitch + 8 * n + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(out) = float2{acc[n][0], acc[n][1]};
+      *reinterpret_cast<float2*>(out + 8 * logit_pitch) = float2{acc[n][2], acc[n][3]};
+    }
+    __syncwarp();
     const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
+    static_assert(32 / 8 * 4 == 16, "a warp's threads read back exactly its 16 rows");
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) {
       const float* r = v.logits + (4 * pg + i) * logit_pitch + 8 * kg;
@@ -465,7 +516,7 @@ struct tensor_core_logits {
       const float4 x1 = *reinterpret_cast<const float4*>(r + 4);
       const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
-      for (int32_t j = 0; j < 8; ++j) x[i][j] = xs[j] / sqrt_d;
+      for (int32_t j = 0; j < 8; ++j) x[i][j] = xs[j];
     }
 #else
     __trap();  // window_scores refuses tensor_cores below sm_80 before launching
@@ -475,7 +526,7 @@ struct tensor_core_logits {
 
 //! Pass 1: per pair, the running max and denominator over this split's causal keys.
 template <kv_element T, class Logits>
-__global__ void __launch_bounds__(window_threads) window_stats_kernel(const __grid_constant__ window_params<T> p) {
+__global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_stats_kernel(const __grid_constant__ window_params<T> p) {
   extern __shared__ __align__(128) char window_shared[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
@@ -485,8 +536,8 @@ __global__ void __launch_bounds__(window_threads) window_stats_kernel(const __gr
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
   const int32_t begin = blockIdx.x * l.split_keys;
   const int32_t end = min(wh.length, begin + l.split_keys);
-  for (int32_t first = 0; first < l.pairs; first += window_pairs) {
-    const int32_t count = min(window_pairs, l.pairs - first);
+  for (int32_t first = 0; first < l.pairs; first += Logits::pairs) {
+    const int32_t count = min(Logits::pairs, l.pairs - first);
     float m[4], s[4];
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) m[i] = -INFINITY, s[i] = 0.f;
@@ -501,20 +552,27 @@ __global__ void __launch_bounds__(window_threads) window_stats_kernel(const __gr
       if (base + window_keys < end)
         keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      Logits::tile(sm, d, p.sqrt_d, x);
+      Logits::tile(sm, d, x);
+      int32_t kpos[8];
+#pragma unroll
+      for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
+      // Per row: the tile's max first, then its eight exponentials independently (a running
+      // update per key would chain them), folded into the running denominator once.
 #pragma unroll
       for (int32_t i = 0; i < 4; ++i) {
         const int32_t qpos = sm.sqpos[4 * pg + i];
+        float tile_max = -INFINITY;
 #pragma unroll
-        for (int32_t j = 0; j < 8; ++j) {
-          if (sm.skpos[8 * kg + j] > qpos) continue;  // causal (and padding: INT32_MAX)
-          if (x[i][j] > m[i]) {
-            s[i] = s[i] * expf(m[i] - x[i][j]) + 1.f;
-            m[i] = x[i][j];
-          } else {
-            s[i] += expf(x[i][j] - m[i]);
-          }
-        }
+        for (int32_t j = 0; j < 8; ++j)
+          if (kpos[j] <= qpos) tile_max = fmaxf(tile_max, x[i][j]);  // causal (and padding: INT32_MAX)
+        if (tile_max == -INFINITY) continue;
+        const float m_new = fmaxf(m[i], tile_max);
+        float sum = 0.f;
+#pragma unroll
+        for (int32_t j = 0; j < 8; ++j)
+          if (kpos[j] <= qpos) sum += exp2f(x[i][j] - m_new);
+        s[i] = s[i] * exp2f(m[i] - m_new) + sum;
+        m[i] = m_new;
       }
     }
     // Merge the 8 key groups (adjacent lanes), then one lane per pair group writes.
@@ -525,7 +583,7 @@ __global__ void __launch_bounds__(window_threads) window_stats_kernel(const __gr
         const float om = __shfl_xor_sync(0xffffffffu, m[i], offset);
         const float os = __shfl_xor_sync(0xffffffffu, s[i], offset);
         const float mx = fmaxf(m[i], om);
-        if (mx != -INFINITY) s[i] = s[i] * expf(m[i] - mx) + os * expf(om - mx);
+        if (mx != -INFINITY) s[i] = s[i] * exp2f(m[i] - mx) + os * exp2f(om - mx);
         m[i] = mx;
       }
       const int32_t q = 4 * pg + i;
@@ -550,7 +608,7 @@ __global__ void window_merge_kernel(const __grid_constant__ window_params<T> p) 
     if (m != -INFINITY)
       for (int32_t t = 0; t < l.splits; ++t) {
         const float pm = p.partial[(i * l.splits + t) * 2];
-        if (pm != -INFINITY) s += p.partial[(i * l.splits + t) * 2 + 1] * expf(pm - m);
+        if (pm != -INFINITY) s += p.partial[(i * l.splits + t) * 2 + 1] * exp2f(pm - m);
       }
     p.stats[i * 2] = m;
     p.stats[i * 2 + 1] = s;
@@ -560,7 +618,7 @@ __global__ void window_merge_kernel(const __grid_constant__ window_params<T> p) 
 //! Pass 2: probabilities (or their squares) summed per (query head, key) over the rows,
 //! ascending, into agg [heads][per_row][stride].
 template <kv_element T, class Logits>
-__global__ void __launch_bounds__(window_threads) window_probs_kernel(const __grid_constant__ window_params<T> p) {
+__global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_probs_kernel(const __grid_constant__ window_params<T> p) {
   extern __shared__ __align__(128) char window_shared[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
@@ -571,14 +629,14 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
   const int32_t begin = blockIdx.x * l.split_keys;
   const int32_t end = min(wh.length, begin + l.split_keys);
   const bool squared = a.metric.squared;
-  for (int32_t first = 0; first < l.pairs; first += window_pairs) {
-    const int32_t count = min(window_pairs, l.pairs - first);
-    float m[4], s[4];
+  for (int32_t first = 0; first < l.pairs; first += Logits::pairs) {
+    const int32_t count = min(Logits::pairs, l.pairs - first);
+    float m[4], inv_s[4];  // a row's max and 1 / its denominator (>= 1 where m is finite)
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) {
       const int32_t q = first + 4 * pg + i;
       m[i] = q < l.pairs ? p.stats[(wh.index * l.pairs + q) * 2] : -INFINITY;
-      s[i] = q < l.pairs ? p.stats[(wh.index * l.pairs + q) * 2 + 1] : 1.f;
+      inv_s[i] = q < l.pairs ? 1.f / p.stats[(wh.index * l.pairs + q) * 2 + 1] : 1.f;
     }
     // Query heads whose rows this block holds: [g_first, g_last].
     const int32_t g_first = first / a.window, g_last = (first + count - 1) / a.window;
@@ -594,7 +652,7 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
       if (base + window_keys < end)
         tile_keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      Logits::tile(sm, d, p.sqrt_d, x);
+      Logits::tile(sm, d, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
@@ -606,15 +664,16 @@ __global__ void __launch_bounds__(window_threads) window_probs_kernel(const __gr
         for (int32_t j = 0; j < 8; ++j) {
           float v = 0.f;
           if (m[i] != -INFINITY && static_cast<int64_t>(kpos[j]) <= static_cast<int64_t>(qpos) - a.metric.buffer) {
-            v = expf(x[i][j] - m[i]) / s[i];
+            v = exp2f(x[i][j] - m[i]) * inv_s[i];
             if (squared) v *= v;
           }
           sm.probs[(4 * pg + i) * prob_pitch + 8 * kg + j] = v;
         }
       }
       __syncthreads();
-      for (int32_t i = threadIdx.x; i < (g_last - g_first + 1) * keys; i += blockDim.x) {
-        const int32_t g = g_first + i / keys, k = i - (i / keys) * keys;
+      for (int32_t i = threadIdx.x; i < (g_last - g_first + 1) * window_keys; i += blockDim.x) {
+        const int32_t g = g_first + i / window_keys, k = i % window_keys;
+        if (k >= keys) continue;
         const int32_t r0 = max(first, g * a.window) - first;              // block rows of g
         const int32_t r1 = min(first + count, (g + 1) * a.window) - first;
         float* out = p.agg + (wh.index * l.per_row + g) * a.stride + base + k;
@@ -638,17 +697,17 @@ template <kv_element T, class Logits>
   }
   const dim3 grid(static_cast<unsigned>(p.layout.splits), static_cast<unsigned>(p.args.pool.heads),
                   static_cast<unsigned>(p.args.batch * p.args.layer_count));
-  window_stats_kernel<T, Logits><<<grid, window_threads, smem, stream>>>(p);
+  window_stats_kernel<T, Logits><<<grid, Logits::threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   const int32_t et = default_tuning.elementwise.threads;
   window_merge_kernel<T><<<grid_for(p.layout.heads * p.layout.pairs, et), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  window_probs_kernel<T, Logits><<<grid, window_threads, smem, stream>>>(p);
+  window_probs_kernel<T, Logits><<<grid, Logits::threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
 }
 
-//! tensor_cores needs WMMA's bf16 MMA: sm_80 or newer.
+//! tensor_cores needs the bf16 mma.sync and ldmatrix: sm_80 or newer.
 [[nodiscard]] inline status check_tensor_cores() {
   int device = 0, major = 0;
   KVTRIM_CUDA_TRY(cudaGetDevice(&device));
@@ -753,7 +812,7 @@ template <kv_element T>
   if (!workspace) return status::invalid_argument;
   const detail::window_layout l = detail::window_layout_of(a);
   detail::workspace_carver w(workspace);
-  detail::window_params<T> p{a, l, std::sqrt(static_cast<float>(a.pool.head_dim))};
+  detail::window_params<T> p{a, l, detail::base2_logit_scale(a.pool.head_dim)};
   p.partial = w.take<float>(l.partial);
   p.stats = w.take<float>(l.stats);
   p.agg = w.take<float>(l.agg);
