@@ -71,22 +71,26 @@ struct decode_layout {
   int64_t stats = 0;          // [batch][H][G][2] (accumulation only)
 };
 
-//! Keys per CTA: enough CTAs to fill the device (attention_tuning::target_ctas) over the
-//! batch's longest head, within [min_split_tokens, max_split_tokens], a multiple of 32.
+//! Keys per CTA. The splits of every head fill `slots` resident CTAs in one wave where they
+//! can: as many splits per head as fit, rounded down, so no partial wave trails (ceil-div
+//! sizing left 1.1 waves at some shapes). Within [min_split_tokens, max_split_tokens], a
+//! multiple of 32. Fewer slots never give more splits, so a workspace sized for
+//! attention_tuning::max_ctas holds any device's.
 template <kv_element T>
-[[nodiscard]] int32_t split_tokens_for(const decode_arguments<T>& a) noexcept {
+[[nodiscard]] int32_t split_tokens_for(const decode_arguments<T>& a, int64_t slots) noexcept {
   constexpr attention_tuning t = default_tuning.attention;
-  const int64_t keys = static_cast<int64_t>(a.max_length) * a.batch * a.pool.heads;
-  int64_t split = ceil_div(keys, t.target_ctas);
+  const int64_t heads = static_cast<int64_t>(a.batch) * a.pool.heads;
+  const int64_t per_head = heads > 0 && slots > heads ? slots / heads : 1;
+  int64_t split = ceil_div(a.max_length, per_head);
   split = split < t.min_split_tokens ? t.min_split_tokens : (split > t.max_split_tokens ? t.max_split_tokens : split);
   return static_cast<int32_t>(ceil_div(split, 32) * 32);
 }
 
 template <kv_element T>
-[[nodiscard]] decode_layout decode_layout_of(const decode_arguments<T>& a) noexcept {
+[[nodiscard]] decode_layout decode_layout_of(const decode_arguments<T>& a, int64_t slots) noexcept {
   decode_layout l;
   l.group = a.pool.heads > 0 ? a.q_heads / a.pool.heads : 1;
-  l.split_tokens = split_tokens_for(a);
+  l.split_tokens = split_tokens_for(a, slots);
   l.splits = static_cast<int32_t>(ceil_div(a.max_length, l.split_tokens));
   const int64_t heads = static_cast<int64_t>(a.batch) * a.pool.heads;
   l.partial_acc = heads * l.splits * l.group * a.pool.head_dim;
@@ -98,12 +102,25 @@ template <kv_element T>
   return l;
 }
 
+//! Split CTAs the current device holds at once, at most attention_tuning::max_ctas (also when
+//! the query fails: the launch reports that error).
+[[nodiscard]] inline int64_t resident_decode_ctas() noexcept {
+  constexpr attention_tuning t = default_tuning.attention;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1)
+    return t.max_ctas;
+  const int64_t slots = static_cast<int64_t>(sms) * t.ctas_per_sm;
+  return slots < t.max_ctas ? slots : t.max_ctas;
+}
+
 }  // namespace detail
 
-//! fp32 partial results of the splits (and, with accumulation, every key's logit).
+//! fp32 partial results of the splits (and, with accumulation, every key's logit). The same
+//! on every device: sized for attention_tuning::max_ctas splits.
 template <kv_element T>
 [[nodiscard]] size_t workspace_size(const decode_arguments<T>& a) noexcept {
-  const detail::decode_layout l = detail::decode_layout_of(a);
+  const detail::decode_layout l = detail::decode_layout_of(a, default_tuning.attention.max_ctas);
   detail::workspace_carver w(nullptr);
   w.take<float>(l.partial_acc);
   w.take<float>(l.partial_stats);
@@ -321,27 +338,47 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
   }
 }
 
-//! Merges the splits of one (sequence, KV head): one thread per output element (g, c), grid
-//! (H, batch, element blocks), so the split loops of many elements overlap.
+//! Merges the splits of one (sequence, KV head), grid (H, batch, element blocks): a warp per
+//! query head first reduces the splits' maxima and denominators (lanes over splits), then each
+//! thread sums its output element (g, c) over the splits with loads independent of each other,
+//! so several are in flight (a running loop over the splits would wait on each in turn).
 template <kv_element T>
 __global__ void decode_combine_kernel(const __grid_constant__ decode_params<T> p) {
+  __shared__ float totals[2 * default_tuning.attention.max_group];  // per g: max, denominator
   const auto& a = p.args;
-  const int32_t d = a.pool.head_dim, G = p.group;
+  const int32_t d = a.pool.head_dim, G = p.group, S = p.splits;
   const int32_t h = blockIdx.x, b = blockIdx.y;
   const int64_t hs = head_slot(b, h, a.pool.heads);
+  const float* stats = p.partial_stats + hs * S * G * 2;
+  const int32_t warp = static_cast<int32_t>(threadIdx.x / 32), lane = static_cast<int32_t>(threadIdx.x % 32);
+  for (int32_t g = warp; g < G; g += static_cast<int32_t>(blockDim.x / 32)) {
+    float mx = -INFINITY;
+    for (int32_t t = lane; t < S; t += 32) mx = fmaxf(mx, stats[(t * G + g) * 2]);
+#pragma unroll
+    for (int32_t offset = 16; offset > 0; offset /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+    float sum = 0.f;
+    for (int32_t t = lane; t < S; t += 32) {
+      const float pm = stats[(t * G + g) * 2];
+      if (pm != -INFINITY) sum += stats[(t * G + g) * 2 + 1] * exp2f(pm - mx);
+    }
+#pragma unroll
+    for (int32_t offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) {
+      totals[2 * g] = mx;
+      totals[2 * g + 1] = sum;
+    }
+  }
+  __syncthreads();
   const int32_t i = static_cast<int32_t>(blockIdx.z * blockDim.x + threadIdx.x);
   if (i >= G * d) return;
   const int32_t g = i / d, c = i - g * d;
-  const float* stats = p.partial_stats + hs * p.splits * G * 2;
-  float mx = -INFINITY;
-  for (int32_t t = 0; t < p.splits; ++t) mx = fmaxf(mx, stats[(t * G + g) * 2]);
-  float sum = 0.f, out = 0.f;
-#pragma unroll 4
-  for (int32_t t = 0; t < p.splits; ++t) {
+  const float mx = totals[2 * g], sum = totals[2 * g + 1];
+  float out = 0.f;
+#pragma unroll 8
+  for (int32_t t = 0; t < S; ++t) {
     const float pm = stats[(t * G + g) * 2];
     const float f = pm == -INFINITY ? 0.f : exp2f(pm - mx);
-    sum += stats[(t * G + g) * 2 + 1] * f;
-    out += p.partial_acc[((hs * p.splits + t) * G + g) * d + c] * f;
+    out += p.partial_acc[((hs * S + t) * G + g) * d + c] * f;
   }
   a.out[(static_cast<int64_t>(b) * a.q_heads + static_cast<int64_t>(h) * G + g) * d + c] = sum > 0.f ? out / sum : 0.f;
   if (p.stats && c == 0) {
@@ -427,7 +464,7 @@ template <kv_element T>
   if (const status s = can_implement(a); s != status::success) return s;
   if (a.batch == 0) return status::success;
   if (!workspace) return status::invalid_argument;
-  const detail::decode_layout l = detail::decode_layout_of(a);
+  const detail::decode_layout l = detail::decode_layout_of(a, detail::resident_decode_ctas());
   detail::workspace_carver w(workspace);
   detail::decode_params<T> p{a,       l.group, l.splits, l.split_tokens, detail::base2_logit_scale(a.pool.head_dim),
                              nullptr, nullptr, nullptr, nullptr};
