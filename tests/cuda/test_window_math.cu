@@ -1,11 +1,12 @@
 // The tensor-core window scores (window_math::tensor_cores, bf16x3 MMAs) against the fp32
-// path (window_math::exact) score by score. The parity tests compare kept sets with the CPU;
+// path (window_math::exact) score by score, and the default (automatic) against the one it picks. The parity tests compare kept sets with the CPU;
 // this one says by how much the scores differ, so a kept-set difference can be told apart
 // from a near tie: the two paths compute the same products and differ only in the order of
 // the fp32 sums, i.e. by rounding.
 #include "parity_support.cuh"
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -61,19 +62,27 @@ void compare_maths(const kv::window_attention& metric, const kv::protected_set& 
   a.protect = protect;
   a.stride = config.max_tokens_per_head;
   const size_t entries = static_cast<size_t>(batch) * model.layers * model.kv_heads * a.stride;
-  device_memory exact(entries * sizeof(float)), tensor(entries * sizeof(float));
+  device_memory exact(entries * sizeof(float)), tensor(entries * sizeof(float)), automatic(entries * sizeof(float));
   device_memory ws(cu::workspace_size(a));
   REQUIRE(cudaMemset(exact.as<void>(), 0, exact.bytes()) == cudaSuccess);
   REQUIRE(cudaMemset(tensor.as<void>(), 0, tensor.bytes()) == cudaSuccess);
+  REQUIRE(cudaMemset(automatic.as<void>(), 0xff, automatic.bytes()) == cudaSuccess);  // NaN: unwritten shows
   a.scores = exact.as<float>();
+  a.math = cu::window_math::exact;
   require_ok(cu::window_scores(a, ws.as<void>(), nullptr));
   a.scores = tensor.as<float>();
   a.math = cu::window_math::tensor_cores;
   require_ok(cu::window_scores(a, ws.as<void>(), nullptr));
+  a.scores = automatic.as<float>();
+  a.math = cu::window_math::automatic;  // the default
+  require_ok(cu::window_scores(a, ws.as<void>(), nullptr));
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
 
   const std::vector<float> e = download(exact.as<float>(), entries), t = download(tensor.as<float>(), entries);
-  int compared = 0, off = 0;
+  // automatic runs one of the two, bit for bit.
+  const std::vector<float> picked = cu::resolved_math<T>(cu::window_math::automatic, d) == cu::window_math::tensor_cores ? t : e;
+  const std::vector<float> chosen = download(automatic.as<float>(), entries);
+  int compared = 0, off = 0, differing = 0;
   float worst = 0.f;
   for (int32_t b = 0; b < batch; ++b)
     for (int32_t l = 0; l < model.layers; ++l)
@@ -81,6 +90,7 @@ void compare_maths(const kv::window_attention& metric, const kv::protected_set& 
         const int32_t len = c.device.head_length(seqs[static_cast<size_t>(b)], l, h);
         const size_t row = ((static_cast<size_t>(b) * model.layers + l) * model.kv_heads + h) * a.stride;
         for (int32_t j = 0; j < len; ++j) {
+          differing += std::memcmp(&picked[row + j], &chosen[row + j], sizeof(float)) != 0 ? 1 : 0;
           const float x = e[row + j], y = t[row + j];
           const float rel = std::fabs(x - y) / std::fmax(std::fabs(x), 1e-30f);
           worst = std::fmax(worst, x == y ? 0.f : rel);
@@ -91,6 +101,7 @@ void compare_maths(const kv::window_attention& metric, const kv::protected_set& 
   CAPTURE(worst);
   CHECK(compared > 0);
   CHECK(off == 0);
+  CHECK(differing == 0);
 }
 
 }  // namespace
@@ -114,4 +125,21 @@ TEST_CASE("tensor-core window scores equal the fp32 path's to rounding", "[cuda]
     const auto p = kv::kv_compress({.budget = b, .block_size = bs, .protected_window = 8});
     compare_maths(p.metric.observation, p.protect, d, group, 8, bs);
   }
+}
+
+TEST_CASE("automatic window math picks tensor cores for bf16 keys where they apply, exact elsewhere", "[cuda]") {
+  int device = 0, major = 0;
+  REQUIRE(cudaGetDevice(&device) == cudaSuccess);
+  REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess);
+  const auto tc = major >= 8 ? cu::window_math::tensor_cores : cu::window_math::exact;
+  const auto automatic = cu::window_math::automatic;
+  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 8) == tc);
+  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 128) == tc);
+  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 12) == cu::window_math::exact);   // not a multiple of 8
+  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 256) == cu::window_math::exact);  // above 128
+  CHECK(cu::resolved_math<float>(automatic, 128) == cu::window_math::exact);
+  CHECK(cu::resolved_math<kv::float16>(automatic, 128) == cu::window_math::exact);
+  // Explicit choices are kept as they are.
+  CHECK(cu::resolved_math<float>(cu::window_math::exact, 128) == cu::window_math::exact);
+  CHECK(cu::resolved_math<kv::bfloat16>(cu::window_math::tensor_cores, 128) == cu::window_math::tensor_cores);
 }

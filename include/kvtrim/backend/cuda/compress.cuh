@@ -147,7 +147,7 @@ struct compress_arguments {
   int32_t stride = 0;              //!< >= every head length (the cache's max_tokens_per_head)
   int32_t* keep = nullptr;         //!< [batch][layer_count][H] device out: each head's new length
   int32_t* error = nullptr;        //!< device out: 0 or the status of a failure found on the device
-  window_math math = window_math::exact;  //!< how window scores compute q . k (window_scores.cuh)
+  window_math math = window_math::automatic;  //!< how window scores compute q . k (window_scores.cuh)
 };
 
 namespace detail {
@@ -297,7 +297,7 @@ template <compression_policy P, kv_element T>
 //! policy's own validation status otherwise). Host-only: an engine picks `compress` or the CPU
 //! planner with it, before allocating anything.
 template <kv_element T, compression_policy P>
-[[nodiscard]] status supports(const P& policy, const attention_shape& model, window_math math = window_math::exact) {
+[[nodiscard]] status supports(const P& policy, const attention_shape& model, window_math math = window_math::automatic) {
   compress_arguments<P, T> a;
   a.policy = policy;
   a.model = model;
@@ -337,7 +337,7 @@ namespace detail {
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 [[nodiscard]] compress_arguments<P, T> probe_arguments(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
                                                       const attention_shape& model, int32_t batch, int32_t obs_rows,
-                                                      window_math math = window_math::exact) {
+                                                      window_math math = window_math::automatic) {
   compress_arguments<P, T> a;
   a.policy = policy;
   a.model = model;
@@ -369,7 +369,7 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 [[nodiscard]] status compress(const P& policy, device_paged_cache<T, HeadDim, M>& cache, std::span<const int64_t> seqs,
                               const attention_shape& model, const device_observation& obs, void* workspace,
-                              size_t workspace_bytes, cudaStream_t stream, window_math math = window_math::exact) {
+                              size_t workspace_bytes, cudaStream_t stream, window_math math = window_math::automatic) {
   const auto batch = static_cast<int32_t>(seqs.size());
   if (batch == 0) return status::success;
   // Host checks first: the policy, every head, then the workspace.

@@ -17,12 +17,13 @@
 //! scaled once by log2(e) / sqrt(d), so each probability is one exp2 (no division, no exp).
 //!
 //! How the logits are computed is a compile-time policy of the two kernels (`window_math`):
-//! - `exact` (default): fp32 CUDA cores, dot products in the CPU's order over d, so scores
-//!   stay within rounding of the CPU oracle's (the parity tests compare kept sets).
+//! - `exact`: fp32 CUDA cores, dot products in the CPU's order over d, so scores stay within
+//!   rounding of the CPU oracle's (the parity tests compare kept sets).
 //! - `tensor_cores` (bf16 K): every fp32 query is split into three bf16 terms whose sum is
 //!   the query (8 + 8 + 8 significand bits), and each 16 x 16 tile of logits is three bf16
 //!   MMAs with fp32 accumulation. bf16 x bf16 products are exact in fp32, so only the order of
 //!   the fp32 sums differs from `exact`; a single bf16 MMA would round the queries instead.
+//! - `automatic` (default): `tensor_cores` wherever it applies, `exact` elsewhere.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
@@ -44,6 +45,7 @@ namespace cuda {
 enum class window_math : int32_t {
   exact,         //!< fp32 CUDA cores in the CPU's order over d
   tensor_cores,  //!< bf16 K, head dim a multiple of 8 up to 128, sm_80 or newer: bf16x3 MMAs
+  automatic,     //!< tensor_cores where it applies (resolved_math), exact elsewhere
 };
 
 template <kv_element T>
@@ -61,7 +63,7 @@ struct window_score_arguments {
   protected_set protect{};             //!< its `recent` bounds the pooled prefix (evictable_prefix)
   int32_t stride = 0;                  //!< >= every head length; row pitch of `scores`
   float* scores = nullptr;             //!< [batch][layer_count][H][stride] device, slot order
-  window_math math = window_math::exact;
+  window_math math = window_math::automatic;
 };
 
 //! Shared memory holds a 128-pair block and a 64-key tile in fp32: about 100 KiB at head dim
@@ -75,11 +77,34 @@ inline constexpr int32_t max_tensor_core_head_dim = 128;
 //! at head dim d (tensor_cores: bf16 only, d a multiple of 8 up to 128).
 template <kv_element T>
 [[nodiscard]] constexpr status check_math(window_math math, int32_t head_dim) noexcept {
-  if (math != window_math::exact && math != window_math::tensor_cores) return status::invalid_argument;
+  if (math != window_math::exact && math != window_math::tensor_cores && math != window_math::automatic)
+    return status::invalid_argument;
   if (math == window_math::tensor_cores &&
       (!std::is_same_v<T, bfloat16> || head_dim % 8 != 0 || head_dim > max_tensor_core_head_dim))
     return status::not_supported;
   return status::success;
+}
+
+namespace detail {
+//! tensor_cores needs the bf16 mma.sync and ldmatrix: sm_80 or newer (on the current device).
+[[nodiscard]] inline status check_tensor_cores() {
+  int device = 0, major = 0;
+  KVTRIM_CUDA_TRY(cudaGetDevice(&device));
+  KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8 ? status::success : status::not_supported;
+}
+}  // namespace detail
+
+//! The math window_scores runs for `math` on keys of type T at head dim d on the current
+//! device: `automatic` becomes `tensor_cores` where check_math accepts it and the device is
+//! sm_80 or newer, `exact` otherwise; any other value is returned as it is.
+template <kv_element T>
+[[nodiscard]] window_math resolved_math(window_math math, int32_t head_dim) {
+  if (math != window_math::automatic) return math;
+  return check_math<T>(window_math::tensor_cores, head_dim) == status::success &&
+                 detail::check_tensor_cores() == status::success
+             ? window_math::tensor_cores
+             : window_math::exact;
 }
 
 template <kv_element T>
@@ -707,14 +732,6 @@ template <kv_element T, class Logits>
   return status::success;
 }
 
-//! tensor_cores needs the bf16 mma.sync and ldmatrix: sm_80 or newer.
-[[nodiscard]] inline status check_tensor_cores() {
-  int device = 0, major = 0;
-  KVTRIM_CUDA_TRY(cudaGetDevice(&device));
-  KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8 ? status::success : status::not_supported;
-}
-
 //! Mirror index of workspace head hi.
 template <kv_element T>
 __device__ __forceinline__ int64_t mirror_head_of(const window_score_arguments<T>& a, int64_t hi) {
@@ -821,14 +838,15 @@ template <kv_element T>
   p.keys_out = w.take<uint64_t>(l.items);
   p.values_in = w.take<int32_t>(l.items);
   p.values_out = w.take<int32_t>(l.items);
+  const window_math math = resolved_math<T>(a.math, a.pool.head_dim);
   if constexpr (std::is_same_v<T, bfloat16>) {  // can_implement refuses tensor_cores for other types
-    if (a.math == window_math::tensor_cores) {
+    if (math == window_math::tensor_cores) {
       if (const status s = detail::check_tensor_cores(); s != status::success) return s;
       if (const status s = detail::launch_window_passes<T, detail::tensor_core_logits>(p, stream); s != status::success)
         return s;
     }
   }
-  if (a.math == window_math::exact)
+  if (math == window_math::exact)
     if (const status s = detail::launch_window_passes<T, detail::exact_logits>(p, stream); s != status::success) return s;
   const int32_t et = default_tuning.elementwise.threads;
 
