@@ -466,7 +466,7 @@ template <kv_element T>
   if (!workspace) return status::invalid_argument;
   const detail::decode_layout l = detail::decode_layout_of(a, detail::resident_decode_ctas());
   detail::workspace_carver w(workspace);
-  detail::decode_params<T> p{a,       l.group, l.splits, l.split_tokens, detail::base2_logit_scale(a.pool.head_dim),
+  detail::decode_params<T> p{a, l.group, l.splits, l.split_tokens, detail::base2_logit_scale(a.pool.head_dim),
                              nullptr, nullptr, nullptr, nullptr};
   p.partial_acc = w.take<float>(l.partial_acc);
   p.partial_stats = w.take<float>(l.partial_stats);

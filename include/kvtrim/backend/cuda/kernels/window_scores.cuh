@@ -11,16 +11,16 @@
 //! the exact path, 64 with tensor cores), staged once in shared memory, one tile of 64 keys at
 //! a time; each thread owns a 4-pair x 8-key tile of logits. Two passes over K: pass 1 keeps
 //! every pair's running softmax max and denominator in registers (merged over the CTA's lanes,
-//! then over splits), pass 2
-//! the probabilities, summed per (query head, key) over the rows in ascending order (the
-//! CPU's order). No w x n matrix is stored. Logits are in base 2: the staged queries are
-//! scaled once by log2(e) / sqrt(d), so each probability is one exp2 (no division, no exp).
+//! then over splits), pass 2 the probabilities, summed per (query head, key) over the rows in
+//! ascending order (the CPU's order). No w x n matrix is stored. Logits are in base 2: the
+//! staged queries are scaled once by log2(e) / sqrt(d), so each probability is one exp2 (no
+//! division, no exp).
 //!
 //! How the logits are computed is a compile-time policy of the two kernels (`window_math`):
 //! - `exact`: fp32 CUDA cores, dot products in the CPU's order over d, so scores stay within
 //!   rounding of the CPU oracle's (the parity tests compare kept sets).
 //! - `tensor_cores` (bf16 K): every fp32 query is split into three bf16 terms whose sum is
-//!   the query (8 + 8 + 8 significand bits), and each 16 x 16 tile of logits is three bf16
+//!   the query (8 + 8 + 8 significand bits), and each 16 x 8 tile of logits is three bf16
 //!   MMAs with fp32 accumulation. bf16 x bf16 products are exact in fp32, so only the order of
 //!   the fp32 sums differs from `exact`; a single bf16 MMA would round the queries instead.
 //! - `automatic` (default): `tensor_cores` wherever it applies, `exact` elsewhere.
@@ -385,9 +385,9 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 //! window_math::tensor_cores (bf16 K): the pair block as three bf16 matrices [pair][pitch]
 //! (hi, mid, lo: hi + mid + lo == the fp32 query), the key tile [key][pitch] in bf16 as
 //! stored, both zero-padded to a multiple of 16 along d; warp w computes logit rows
-//! [16 w, 16 w + 16) x 64 keys with m16n8k16 MMAs (ldmatrix, mma.sync), small terms first, into an fp32 tile
-//! over the key tile, from which each thread reads its 4 x 8 (rows of its own warp). The
-//! probability tile reuses it too. 64 pairs (four warps) keep the shared memory to about 69
+//! [16 w, 16 w + 16) x 64 keys with m16n8k16 MMAs (ldmatrix, mma.sync), small terms first,
+//! into an fp32 tile over the key tile, from which each thread reads its 4 x 8 (rows of its
+//! own warp). The probability tile reuses it too. 64 pairs (four warps) keep the shared memory to about 69
 //! KiB at head dim 128, so three CTAs share an SM and one CTA's MMAs overlap another's softmax.
 struct tensor_core_logits {
   static constexpr int32_t pairs = 64;
