@@ -1,12 +1,16 @@
 // One layer's compression step (scores + budgets + plan + compaction, on the device, without
 // the host commit) at the Llama-3-8B shape: B in {1, 8}, n in {4k, 32k, 128k}, for SnapKV
 // (C = n / 16, w 32, k 7), Ada-KV (same budget) and KV-Compress (M = n / 16); window scores on
-// fp32 CUDA cores (tc:0, window_math::exact) and with bf16x3 tensor-core MMAs (tc:1). The
-// SnapKV window scores alone (bm_snapkv_window_scores) split a step's time into scoring and
-// the rest (ranking, budgets, compaction).
+// fp32 CUDA cores (tc:0, window_math::exact) and with bf16x3 tensor-core MMAs (tc:1). Queries
+// are random fp32 values, or with q16:1 random bf16 values, as a bf16 model's projections give
+// them (and as the PyTorch peer's step takes them): their low bf16 terms are zero, so the
+// tensor-core path needs one MMA per logit tile instead of three. The SnapKV window scores
+// alone (bm_snapkv_window_scores) split a step's time into scoring and the rest (ranking,
+// budgets, compaction).
 #include "bench_support.cuh"
 
 #include <memory>
+#include <utility>
 
 namespace {
 using namespace kvtrim_bench;
@@ -17,19 +21,27 @@ kvtrim::cuda::window_math math_of(const benchmark::State& state) {
   return state.range(2) != 0 ? kvtrim::cuda::window_math::tensor_cores : kvtrim::cuda::window_math::exact;
 }
 
-//! A layer cache of B sequences of n tokens, their last `window` queries and positions, and
-//! their mirror rows, all on the device.
+//! Rounds each value to the nearest bf16 value (kept in fp32).
+__global__ void round_to_bf16_kernel(float* x, size_t count) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    x[i] = kvtrim::to_float(kvtrim::from_float<kvtrim::bfloat16>(x[i]));
+}
+
+//! A layer cache of B sequences of n tokens, their last `window` queries (bf16 values with
+//! `bf16_queries`) and positions, and their mirror rows, all on the device.
 struct step_inputs {
   int32_t batch, n;
   layer_cache c;
   device_memory queries, positions, rows;
 
-  step_inputs(int32_t b, int32_t tokens)
+  step_inputs(int32_t b, int32_t tokens, bool bf16_queries)
       : batch(b), n(tokens), c(b, tokens),
         queries(static_cast<size_t>(b) * window * q_heads * head_dim * sizeof(float)),
         positions(static_cast<size_t>(b) * window * sizeof(int32_t)), rows(static_cast<size_t>(b) * sizeof(int32_t)) {
     if (!c.ok) return;
     fill_random(queries.as<float>(), queries.bytes / sizeof(float), 4);
+    if (bf16_queries) round_to_bf16_kernel<<<1024, 256>>>(queries.as<float>(), queries.bytes / sizeof(float));
     std::vector<int32_t> pos(static_cast<size_t>(batch) * window), slot(static_cast<size_t>(batch));
     for (int32_t s = 0; s < batch; ++s) {
       for (int32_t r = 0; r < window; ++r) pos[static_cast<size_t>(s) * window + r] = n - window + r;
@@ -40,14 +52,15 @@ struct step_inputs {
   }
 };
 
-//! The inputs of a benchmark with args (B, n, ...); null, the benchmark skipped, without a GPU
-//! or the memory for them.
+//! The inputs of a benchmark with args (B, n, tc, q16); null, the benchmark skipped, without a
+//! GPU or the memory for them.
 std::unique_ptr<step_inputs> inputs_or_skip(benchmark::State& state) {
   if (!have_device()) {
     state.SkipWithError("no CUDA device");
     return nullptr;
   }
-  auto in = std::make_unique<step_inputs>(static_cast<int32_t>(state.range(0)), static_cast<int32_t>(state.range(1)));
+  auto in = std::make_unique<step_inputs>(static_cast<int32_t>(state.range(0)), static_cast<int32_t>(state.range(1)),
+                                          state.range(3) != 0);
   if (!in->c.ok) {
     state.SkipWithError("cache setup failed (device memory?)");
     return nullptr;
@@ -130,16 +143,18 @@ void bm_snapkv_window_scores(benchmark::State& state) {
       benchmark::Counter(2 * k_bytes / copy_bandwidth(), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+//! (tc, q16): the fp32 path, and the tensor-core path with fp32 and with bf16 query values
+//! (the fp32 path's speed does not depend on them).
 void step_args(benchmark::internal::Benchmark* b) {
-  for (const int64_t tc : {0, 1})
+  for (const auto [tc, q16] : {std::pair<int64_t, int64_t>{0, 0}, {1, 0}, {1, 1}})
     for (const int64_t batch : {1, 8})
-      for (const int64_t n : {4096, 32768, 131072}) b->Args({batch, n, tc});
+      for (const int64_t n : {4096, 32768, 131072}) b->Args({batch, n, tc, q16});
 }
 
 }  // namespace
 
-BENCHMARK(bm_snapkv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
-BENCHMARK(bm_ada_kv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
-BENCHMARK(bm_kv_compress)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
-BENCHMARK(bm_snapkv_window_scores)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc"});
+BENCHMARK(bm_snapkv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
+BENCHMARK(bm_ada_kv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
+BENCHMARK(bm_kv_compress)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
+BENCHMARK(bm_snapkv_window_scores)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
 BENCHMARK_MAIN();

@@ -12,9 +12,8 @@
 //! a time; each thread owns a 4-pair x 8-key tile of logits. Two passes over K: pass 1 keeps
 //! every pair's running softmax max and denominator in registers (merged over the CTA's lanes,
 //! then over splits), pass 2 the probabilities, summed per (query head, key) over the rows in
-//! ascending order (the CPU's order). No w x n matrix is stored. Logits are in base 2: the
-//! staged queries are scaled once by log2(e) / sqrt(d), so each probability is one exp2 (no
-//! division, no exp).
+//! ascending order (the CPU's order). No w x n matrix is stored. Logits are in base 2, q . k
+//! times log2(e) / sqrt(d), so each probability is one exp2 (no division, no exp).
 //!
 //! How the logits are computed is a compile-time policy of the two kernels (`window_math`):
 //! - `exact`: fp32 CUDA cores, dot products in the CPU's order over d, so scores stay within
@@ -23,6 +22,8 @@
 //!   the query (8 + 8 + 8 significand bits), and each 16 x 8 tile of logits is three bf16
 //!   MMAs with fp32 accumulation. bf16 x bf16 products are exact in fp32, so only the order of
 //!   the fp32 sums differs from `exact`; a single bf16 MMA would round the queries instead.
+//!   Queries that are bf16 values already (a bf16 model's) have zero low terms: a pair block
+//!   whose queries all are takes one MMA per tile, with the same result.
 //! - `automatic` (default): `tensor_cores` wherever it applies, `exact` elsewhere.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -207,7 +208,7 @@ template <kv_element T>
 struct window_params {
   window_score_arguments<T> args;
   window_layout layout;
-  float logit_scale = 0.f;  // base2_logit_scale(d): the staged queries' factor
+  float logit_scale = 0.f;  // base2_logit_scale(d): logit = q . k times it
   float* partial = nullptr;
   float* stats = nullptr;
   float* agg = nullptr;
@@ -274,6 +275,7 @@ struct window_smem_view {
   float* probs;    // pass 2: [pairs][prob_pitch], written once the logits are in registers
   int32_t* skpos;  // [window_keys]
   int32_t* sqpos;  // [pairs]
+  int32_t* terms;  // tensor cores: the bf16 terms of the pair block's queries (1 or 3)
 };
 
 [[nodiscard]] __host__ __device__ constexpr int64_t round_up_128(int64_t bytes) noexcept { return (bytes + 127) / 128 * 128; }
@@ -301,6 +303,7 @@ struct exact_logits {
     v.probs = static_cast<float*>(v.k);
     v.skpos = reinterpret_cast<int32_t*>(static_cast<float*>(v.k) + tile_floats(d));
     v.sqpos = v.skpos + window_keys;
+    v.terms = nullptr;
     return v;
   }
   template <kv_element T>
@@ -310,7 +313,7 @@ struct exact_logits {
     float* sq = static_cast<float*>(v.q);
     for (int32_t i = threadIdx.x; i < pairs * d; i += blockDim.x) {
       const int32_t q = i / d, c = i - q * d;
-      sq[c * pair_pitch + q] = q < count ? pair_query(p, wh, first + q)[c] * p.logit_scale : 0.f;
+      sq[c * pair_pitch + q] = q < count ? pair_query(p, wh, first + q)[c] : 0.f;
     }
     stage_pair_positions(p, wh, first, count, pairs, v.sqpos);
   }
@@ -339,8 +342,9 @@ struct exact_logits {
       stage_key_positions(*pool, head, base, count, v.skpos);
     }
   };
-  //! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending.
-  __device__ static void tile(const window_smem_view& v, int32_t d, float (&x)[4][8]) {
+  //! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending,
+  //! times `scale`.
+  __device__ static void tile(const window_smem_view& v, int32_t d, float scale, float (&x)[4][8]) {
     const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
     const float* sq = static_cast<const float*>(v.q);
     const float* sk = static_cast<const float*>(v.k);
@@ -359,6 +363,10 @@ struct exact_logits {
 #pragma unroll
         for (int32_t j = 0; j < 8; ++j) x[i][j] += qv[i] * kv[j];
     }
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i)
+#pragma unroll
+      for (int32_t j = 0; j < 8; ++j) x[i][j] *= scale;
   }
 };
 
@@ -414,7 +422,7 @@ struct tensor_core_logits {
     return round_up_128(keys > logit_bytes ? keys : logit_bytes);
   }
   [[nodiscard]] static size_t smem_bytes(int32_t d) noexcept {
-    return static_cast<size_t>(q_bytes(d) + tile_bytes(d) + (window_keys + pairs) * sizeof(int32_t));
+    return static_cast<size_t>(q_bytes(d) + tile_bytes(d) + (window_keys + pairs + 1) * sizeof(int32_t));
   }
   __device__ static window_smem_view view(char* smem, int32_t d) {
     window_smem_view v;
@@ -424,29 +432,37 @@ struct tensor_core_logits {
     v.probs = v.logits;
     v.skpos = reinterpret_cast<int32_t*>(smem + q_bytes(d) + tile_bytes(d));
     v.sqpos = v.skpos + window_keys;
+    v.terms = v.sqpos + pairs;
     return v;
   }
+  //! Every thread of the CTA must call it (it synchronises the CTA once, to learn whether any
+  //! query of the block has low terms).
   template <kv_element T>
   __device__ static void stage_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
                                      const window_smem_view& v) {
     const int32_t d = p.args.pool.head_dim, dp = padded(d), ld = pitch(d);
+    bool low_terms = false;
     __nv_bfloat16* hi = static_cast<__nv_bfloat16*>(v.q);
     __nv_bfloat16* mid = hi + pairs * ld;
     __nv_bfloat16* lo = mid + pairs * ld;
     for (int32_t q = threadIdx.x / 32; q < pairs; q += threads / 32) {  // a warp per row, lanes along d
       const float* row = q < count ? pair_query(p, wh, first + q) : nullptr;
       for (int32_t c = threadIdx.x % 32; c < dp; c += 32) {
-        const float x = row && c < d ? row[c] * p.logit_scale : 0.f;
+        const float x = row && c < d ? row[c] : 0.f;
         // Each residual is exact in fp32; three bf16 terms hold all 24 significand bits.
         const __nv_bfloat16 h = __float2bfloat16_rn(x);
         const float r = x - __bfloat162float(h);
         const __nv_bfloat16 m = __float2bfloat16_rn(r);
+        const __nv_bfloat16 l = __float2bfloat16_rn(r - __bfloat162float(m));
         hi[q * ld + c] = h;
         mid[q * ld + c] = m;
-        lo[q * ld + c] = __float2bfloat16_rn(r - __bfloat162float(m));
+        lo[q * ld + c] = l;
+        low_terms = low_terms || __bfloat162float(m) != 0.f || __bfloat162float(l) != 0.f;
       }
     }
     stage_pair_positions(p, wh, first, count, pairs, v.sqpos);
+    const int any = __syncthreads_or(low_terms ? 1 : 0);
+    if (threadIdx.x == 0) *v.terms = any ? 3 : 1;
   }
   //! A key tile prefetched into registers: fetch() issues the 16-byte loads of the stored
   //! bf16 rows (d % 8 == 0, so every row is 16-byte aligned) and their positions, which land
@@ -496,9 +512,32 @@ struct tensor_core_logits {
       if (threadIdx.x < window_keys) v.skpos[threadIdx.x] = position;
     }
   };
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  //! acc += the last `Terms` of (lo, mid, hi) times the key tile, small terms first, over d;
+  //! warp rows [row, row + 16). a_addr / b_addr: this lane's ldmatrix rows (see tile()).
+  template <int32_t Terms>
+  __device__ static void logit_mmas(uint32_t a_addr, uint32_t b_addr, uint32_t term_bytes, int32_t ld, int32_t dp,
+                                    float (&acc)[window_keys / 8][4]) {
+    for (int32_t c = 0; c < dp; c += 16) {
+      uint32_t a[Terms][4];
+#pragma unroll
+      for (int32_t t = 0; t < Terms; ++t) ldmatrix_x4(a[t], a_addr + (Terms - 1 - t) * term_bytes + c * 2);
+#pragma unroll
+      for (int32_t n = 0; n < window_keys / 16; ++n) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_addr + static_cast<uint32_t>((16 * n * ld + c) * 2));
+#pragma unroll
+        for (int32_t t = 0; t < Terms; ++t) {
+          mma_bf16_16816(acc[2 * n], a[t], b[0], b[1]);
+          mma_bf16_16816(acc[2 * n + 1], a[t], b[2], b[3]);
+        }
+      }
+    }
+  }
+#endif
   //! Every thread of the CTA must call it (it synchronises the CTA once: the logits overwrite
-  //! the key tile). Each thread's 4 x 8 logits are rows of its own warp's MMAs.
-  __device__ static void tile(const window_smem_view& v, int32_t d, float (&x)[4][8]) {
+  //! the key tile). Each thread's 4 x 8 logits are rows of its own warp's MMAs, times `scale`.
+  __device__ static void tile(const window_smem_view& v, int32_t d, float scale, float (&x)[4][8]) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     const int32_t ld = pitch(d), dp = padded(d), lane = static_cast<int32_t>(threadIdx.x % 32);
     const int32_t row = 16 * static_cast<int32_t>(threadIdx.x / 32);
@@ -509,27 +548,17 @@ struct tensor_core_logits {
     const uint32_t a_addr = shared_address(v.q) + static_cast<uint32_t>(((row + lane % 16) * ld + 8 * (lane / 16)) * 2);
     const uint32_t b_addr = shared_address(v.k) + static_cast<uint32_t>(((lane % 8 + 8 * (lane / 16)) * ld + 8 * (lane / 8 % 2)) * 2);
     float acc[window_keys / 8][4] = {};  // 8-key tile n: rows lane / 4 and + 8, keys 8 n + 2 (lane % 4) + {0, 1}
-    for (int32_t c = 0; c < dp; c += 16) {
-      uint32_t a[3][4];  // lo, mid, hi
-#pragma unroll
-      for (int32_t t = 0; t < 3; ++t) ldmatrix_x4(a[t], a_addr + (2 - t) * term_bytes + c * 2);
-#pragma unroll
-      for (int32_t n = 0; n < window_keys / 16; ++n) {
-        uint32_t b[4];
-        ldmatrix_x4(b, b_addr + static_cast<uint32_t>((16 * n * ld + c) * 2));
-#pragma unroll
-        for (int32_t t = 0; t < 3; ++t) {
-          mma_bf16_16816(acc[2 * n], a[t], b[0], b[1]);
-          mma_bf16_16816(acc[2 * n + 1], a[t], b[2], b[3]);
-        }
-      }
+    if (*v.terms == 3) {
+      logit_mmas<3>(a_addr, b_addr, term_bytes, ld, dp, acc);
+    } else {  // zero low terms would add exact zeros
+      logit_mmas<1>(a_addr, b_addr, term_bytes, ld, dp, acc);
     }
     __syncthreads();  // every warp is done with the key tile
 #pragma unroll
     for (int32_t n = 0; n < window_keys / 8; ++n) {
       float* out = v.logits + (row + lane / 4) * logit_pitch + 8 * n + 2 * (lane % 4);
-      *reinterpret_cast<float2*>(out) = float2{acc[n][0], acc[n][1]};
-      *reinterpret_cast<float2*>(out + 8 * logit_pitch) = float2{acc[n][2], acc[n][3]};
+      *reinterpret_cast<float2*>(out) = float2{acc[n][0] * scale, acc[n][1] * scale};
+      *reinterpret_cast<float2*>(out + 8 * logit_pitch) = float2{acc[n][2] * scale, acc[n][3] * scale};
     }
     __syncwarp();
     const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
@@ -577,7 +606,7 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_st
       if (base + window_keys < end)
         keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      Logits::tile(sm, d, x);
+      Logits::tile(sm, d, p.logit_scale, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
@@ -677,7 +706,7 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_pr
       if (base + window_keys < end)
         tile_keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      Logits::tile(sm, d, x);
+      Logits::tile(sm, d, p.logit_scale, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
