@@ -114,6 +114,9 @@ TEST_CASE("tensor-core window scores equal the fp32 path's to rounding", "[cuda]
   const int32_t bs = GENERATE(1, 16);
   const bool bf16_queries = GENERATE(false, true);
   if (!keep_shape(d, bs, group)) return;
+  // racecheck's tier (KVTRIM_QUICK=2) runs each query kind at one head dim: the three-term
+  // MMAs at d = 8, the one-term MMAs at d = 128.
+  if (quick_level() >= 2 && bf16_queries != (d == 128)) return;
   CAPTURE(d, group, bs, bf16_queries);
   const auto b = kv::token_budget::of_tokens(64);
   SECTION("SnapKV: sum over 8 rows, max pool 7") {
