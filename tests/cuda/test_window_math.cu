@@ -82,7 +82,8 @@ void compare_maths(const kv::window_attention& metric, const kv::protected_set& 
 
   const std::vector<float> e = download(exact.as<float>(), entries), t = download(tensor.as<float>(), entries);
   // automatic runs one of the two, bit for bit.
-  const std::vector<float> picked = cu::resolved_math<T>(cu::window_math::automatic, d) == cu::window_math::tensor_cores ? t : e;
+  const bool picked_tensor_cores = cu::resolved_math<T>(cu::window_math::automatic, d) == cu::window_math::tensor_cores;
+  const std::vector<float>& picked = picked_tensor_cores ? t : e;
   const std::vector<float> chosen = download(automatic.as<float>(), entries);
   int compared = 0, off = 0, differing = 0;
   float worst = 0.f;
