@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "kvtrim/cuda.cuh"
@@ -98,6 +99,24 @@ struct twin_caches {
     upload(dk, kt);
     upload(dv, vt);
     require_ok(device.append(seq, pos, std::span<const T>(dk.as<T>(), count), std::span<const T>(dv.as<T>(), count)));
+  }
+
+  //! Tokens of head (seq, l, h) as (position, key row) pairs, ascending, from either cache:
+  //! which of two slots holding one position was kept shows in the key.
+  template <class Cache>
+  static std::vector<std::pair<int32_t, std::vector<float>>> kept_tokens(const Cache& c, int64_t seq, int32_t l,
+                                                                         int32_t h) {
+    const int32_t n = c.head_length(seq, l, h), d = c.head_dim();
+    std::vector<int32_t> pos(static_cast<size_t>(n));
+    std::vector<float> keys(static_cast<size_t>(n) * d), metric(static_cast<size_t>(n));
+    require_ok(c.read_head(seq, l, h, pos, keys, metric));
+    std::vector<std::pair<int32_t, std::vector<float>>> tokens;
+    for (int32_t j = 0; j < n; ++j)
+      tokens.emplace_back(pos[static_cast<size_t>(j)],
+                          std::vector<float>(keys.begin() + static_cast<ptrdiff_t>(j) * d,
+                                             keys.begin() + static_cast<ptrdiff_t>(j + 1) * d));
+    std::sort(tokens.begin(), tokens.end());
+    return tokens;
   }
 
   //! Positions of head (seq, l, h), ascending, from either cache.

@@ -105,20 +105,30 @@ TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", f
 
 namespace {
 
-//! Runs `policy` on both caches and compares the kept positions of every head.
+//! The heads of a compression test: sequence s holds `copies` copies of positions
+//! [0, tokens / copies - s), one after another (with two, every rank key is held twice and
+//! the lower slot of a tied pair must be the one kept).
+struct heads_of {
+  int32_t tokens = 200;
+  int32_t copies = 1;
+};
+
+//! Runs `policy` on both caches and compares the kept tokens (position and key) of every head.
 template <class P, kv::kv_element T>
 void check_compression(const P& policy, const kv::attention_shape& model, int32_t bs, uint32_t seed, int32_t rows,
-                       kv::cuda::window_math math) {
-  const int32_t n = 200;
+                       kv::cuda::window_math math, heads_of heads = {}) {
+  const int32_t n = heads.tokens;
   const kv::paged_cache_config config{{model.layers, model.q_heads, policy.metric.stored_heads(model), model.head_dim},
                                       bs, model.layers * policy.metric.stored_heads(model) * 2 * (n / bs + 2), 2, n + 8};
   twin_caches<T> c(config);
   std::mt19937 rng(seed);
   const std::vector<int64_t> seqs{3, 5};
+  std::vector<int32_t> span;  // positions of each sequence: [0, span)
   for (const int64_t s : seqs) {
     require_ok(c.host.add_sequence(s));
     require_ok(c.device.add_sequence(s));
-    c.append(s, 0, n - static_cast<int32_t>(s), rng);
+    span.push_back(n / heads.copies - static_cast<int32_t>(s));
+    for (int32_t copy = 0; copy < heads.copies; ++copy) c.append(s, 0, span.back(), rng);
   }
   // Window queries: the last `rows` positions of each sequence.
   const size_t per_seq = static_cast<size_t>(model.layers) * rows * model.q_heads * model.head_dim;
@@ -127,8 +137,7 @@ void check_compression(const P& policy, const kv::attention_shape& model, int32_
   for (auto& x : queries) x = dist(rng);
   std::vector<int32_t> positions(seqs.size() * static_cast<size_t>(rows));
   for (size_t b = 0; b < seqs.size(); ++b)
-    for (int32_t r = 0; r < rows; ++r)
-      positions[b * rows + r] = n - static_cast<int32_t>(seqs[b]) - rows + r;
+    for (int32_t r = 0; r < rows; ++r) positions[b * rows + r] = span[b] - rows + r;
 
   for (size_t b = 0; b < seqs.size(); ++b) {
     const kv::cpu::observation obs{std::span<const float>(queries).subspan(b * per_seq, per_seq),
@@ -146,7 +155,7 @@ void check_compression(const P& policy, const kv::attention_shape& model, int32_
     for (int32_t l = 0; l < config.shape.layers; ++l)
       for (int32_t h = 0; h < config.shape.kv_heads; ++h) {
         CAPTURE(s, l, h);
-        CHECK(twin_caches<T>::kept_positions(c.host, s, l, h) == twin_caches<T>::kept_positions(c.device, s, l, h));
+        CHECK(twin_caches<T>::kept_tokens(c.host, s, l, h) == twin_caches<T>::kept_tokens(c.device, s, l, h));
       }
   CHECK(c.host.pool() == c.device.pool());
 }
@@ -204,5 +213,45 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "
   SECTION("H2O (prefill observation)") {
     check_compression<kv::h2o_policy, TestType>(kv::h2o({.budget = kv::token_budget::of_tokens(48), .recent = 8}), model,
                                                 bs, seed, 8, math);
+  }
+}
+
+// Heads longer than one round of the per-slot ranking, select and compaction kernels, and heads
+// that hold every position twice: equal rank keys, of which the lower slot is kept (CPU rule,
+// plan/tie_break.hpp). The budgets cut inside a tied pair.
+TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens on long heads and repeated positions",
+                   "[cuda]", float, kv::bfloat16) {
+  const int32_t bs = GENERATE(1, 16);
+  if (quick_level() >= 2 && bs != 16) return;  // racecheck's tier (keep_shape)
+  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({21u, 22u})));
+  CAPTURE(bs, seed);
+  const kv::attention_shape model{2, 4, 2, 8};
+  const auto math = kv::cuda::window_math::automatic;
+  const bool long_heads = quick_level() < 2;  // racecheck's tier: the short case only
+  SECTION("StreamingLLM, every position twice (8 sinks, 33 of the rest kept)") {
+    check_compression<kv::streaming_llm_policy, TestType>(
+        kv::streaming_llm({.budget = kv::token_budget::of_tokens(41), .sinks = 4}), model, bs, seed, 4, math, {200, 2});
+  }
+  SECTION("StreamingLLM, 5000 tokens, every position twice") {
+    if (long_heads)
+      check_compression<kv::streaming_llm_policy, TestType>(
+          kv::streaming_llm({.budget = kv::token_budget::of_tokens(1001), .sinks = 4}), model, bs, seed, 4, math,
+          {5000, 2});
+  }
+  SECTION("SnapKV, 5000 tokens") {
+    if (long_heads)
+      check_compression<kv::snapkv_policy, TestType>(
+          kv::snapkv({.budget = kv::token_budget::of_tokens(1000), .window = 8}), model, bs, seed, 8, math, {5000, 1});
+  }
+  SECTION("PyramidKV, 5000 tokens") {
+    if (long_heads)
+      check_compression<kv::pyramidkv_policy, TestType>(
+          kv::pyramidkv({.budget = kv::token_budget::of_tokens(1000), .window = 8}), model, bs, seed, 8, math,
+          {5000, 1});
+  }
+  SECTION("Ada-KV, 5000 tokens") {
+    if (long_heads)
+      check_compression<kv::ada_snapkv_policy, TestType>(
+          kv::ada_kv({.budget = kv::token_budget::of_tokens(1000), .window = 8}), model, bs, seed, 8, math, {5000, 1});
   }
 }

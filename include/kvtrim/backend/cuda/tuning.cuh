@@ -36,9 +36,10 @@ struct elementwise_tuning {
   int32_t threads = 256;
 };
 
-//! Per-head planning (ranking keys, budgets, compaction scans).
+//! Per-head planning (a CTA per head: budgets, kept flags, compaction scans).
 struct planning_tuning {
   int32_t threads = 256;
+  int32_t select_threads = 512;  //!< the per-head radix select of kept slots (at least 256)
 };
 
 struct tuning_policy {

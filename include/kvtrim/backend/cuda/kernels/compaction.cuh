@@ -112,59 +112,65 @@ struct compaction_plan_params {
   int32_t* counts;        // [heads]
 };
 
+//! Slots each thread of compaction_plan_kernel scans per round: a head's rounds run one after
+//! another, so each takes Threads * items slots.
+inline constexpr int32_t compaction_items_per_thread = 8;
+
 //! One CTA per head: a block scan numbers the holes (evicted slots below the new length) and
-//! the survivors (kept slots at or past it); survivor j (ascending) fills hole m - 1 - j.
+//! the survivors (kept slots at or past it); survivor j (ascending) fills hole m - 1 - j. Thread
+//! t scans slots [t items, (t + 1) items) of each round, the order the scan numbers them in.
 template <kv_element T, int32_t Threads>
 __global__ void __launch_bounds__(Threads) compaction_plan_kernel(const __grid_constant__ compaction_plan_params<T> p) {
+  constexpr int32_t items = compaction_items_per_thread;
   using scan = cub::BlockScan<int32_t, Threads>;
   __shared__ typename scan::TempStorage temp;
-  __shared__ int32_t carry;
   const auto& a = p.args;
-  const int32_t i = blockIdx.x;
-  const int64_t head = a.head_index[i];
+  const int32_t hi = blockIdx.x;
+  const int64_t head = a.head_index[hi];
   const int32_t length = a.pool.lengths[head];
-  const int32_t k = a.keep[i];
-  const uint8_t* kept = a.kept + static_cast<int64_t>(i) * a.stride;
-  int32_t* holes = p.holes + static_cast<int64_t>(i) * a.stride;
-  physical_move* moves = p.moves + static_cast<int64_t>(i) * a.stride;
+  const int32_t k = a.keep[hi];
+  const uint8_t* kept = a.kept + static_cast<int64_t>(hi) * a.stride;
+  int32_t* holes = p.holes + static_cast<int64_t>(hi) * a.stride;
+  physical_move* moves = p.moves + static_cast<int64_t>(hi) * a.stride;
 
   if (a.error && *a.error != 0) {  // an earlier step failed: leave the cache as it was
-    if (threadIdx.x == 0) p.counts[i] = 0;
+    if (threadIdx.x == 0) p.counts[hi] = 0;
     return;
   }
   // Pass 1: holes below k, numbered in ascending slot order.
-  if (threadIdx.x == 0) carry = 0;
-  __syncthreads();
-  for (int32_t base = 0; base < k; base += Threads) {
-    const int32_t s = base + static_cast<int32_t>(threadIdx.x);
-    const int32_t hole = (s < k && !kept[s]) ? 1 : 0;
-    int32_t before = 0, total = 0;
+  int32_t m = 0;
+  for (int32_t base = 0; base < k; base += Threads * items) {
+    const int32_t first = base + static_cast<int32_t>(threadIdx.x) * items;
+    int32_t hole[items], before[items];
+#pragma unroll
+    for (int32_t i = 0; i < items; ++i) hole[i] = (first + i < k && !kept[first + i]) ? 1 : 0;
+    int32_t total = 0;
     scan(temp).ExclusiveSum(hole, before, total);
-    if (hole) holes[carry + before] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) carry += total;
-    __syncthreads();
+#pragma unroll
+    for (int32_t i = 0; i < items; ++i)
+      if (hole[i]) holes[m + before[i]] = first + i;
+    m += total;
+    __syncthreads();  // temp is reused; the last round also publishes `holes` to pass 2
   }
-  const int32_t m = carry;
-  __syncthreads();
   // Pass 2: survivors at or past k, ascending; survivor j moves into hole m - 1 - j.
-  if (threadIdx.x == 0) carry = 0;
-  __syncthreads();
-  for (int32_t base = k; base < length; base += Threads) {
-    const int32_t s = base + static_cast<int32_t>(threadIdx.x);
-    const int32_t survivor = (s < length && kept[s]) ? 1 : 0;
-    int32_t before = 0, total = 0;
+  int32_t moved = 0;
+  for (int32_t base = k; base < length; base += Threads * items) {
+    const int32_t first = base + static_cast<int32_t>(threadIdx.x) * items;
+    int32_t survivor[items], before[items];
+#pragma unroll
+    for (int32_t i = 0; i < items; ++i) survivor[i] = (first + i < length && kept[first + i]) ? 1 : 0;
+    int32_t total = 0;
     scan(temp).ExclusiveSum(survivor, before, total);
-    if (survivor) {
-      const int32_t j = carry + before;
-      const int32_t dst = holes[m - 1 - j];
-      moves[m - 1 - j] = {a.pool.physical(head, dst), a.pool.physical(head, s)};
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) carry += total;
+#pragma unroll
+    for (int32_t i = 0; i < items; ++i)
+      if (survivor[i]) {
+        const int32_t j = moved + before[i];
+        moves[m - 1 - j] = {a.pool.physical(head, holes[m - 1 - j]), a.pool.physical(head, first + i)};
+      }
+    moved += total;
     __syncthreads();
   }
-  if (threadIdx.x == 0) p.counts[i] = m;
+  if (threadIdx.x == 0) p.counts[hi] = m;
 }
 
 }  // namespace detail

@@ -4,23 +4,26 @@
 //! plan/tie_break.hpp, policy/budget/*.hpp, policy/evict/topk_keep.hpp).
 //!
 //! 1. rank keys: per head, protected slots (sinks, recent window) get key 0; every other slot
-//!    the 64-bit key (~ordered(score) << 32 | position), so an ascending sort puts protected
+//!    the 64-bit key (~ordered(score) << 32 | position), so ascending keys put protected
 //!    slots first and then the candidates by the tie-break rule: higher score first, equal
-//!    scores -> lower position (a cache never holds one position twice; the stable sort of
-//!    slot-ordered values settles the rest by the lower slot).
-//! 2. one sort by (head, key) of every head's entries at once: a stable device-wide radix sort
-//!    by key, then a stable one by head (slots past a head's length carry padding keys, which
-//!    sort after its entries). Values: the slot in the head.
-//! 3. budgets: uniform and pyramid per head; Ada-KV per layer (a second sort, within each
-//!    layer, of its candidates keyed (score desc, head, rank) gives each head's share of the
-//!    layer's top-k, then the safeguard); KV-Compress per sequence (candidate blocks priced by
-//!    their block metric, keyed (metric asc, head, block), cheapest `blocks_to_evict` taken).
-//!    The second sort is one device-wide radix sort: the keys carry their group in their
-//!    high bits (group_key_format).
+//!    scores -> lower position (a cache never holds one position twice; equal keys fall to
+//!    the lower slot). Kept: the `keep` smallest keys of the head in that order.
+//! 2. uniform and pyramid budgets size each head alone, so they need its kept set, not its
+//!    order: a radix select per head finds the keep-th smallest key (select_kept_kernel).
+//! 3. Ada-KV and KV-Compress need every head's order: one sort by (head, key) of every head's
+//!    entries at once, a stable device-wide radix sort by key, then a stable one by head
+//!    (slots past a head's length carry padding keys, which sort after its entries). Values:
+//!    the slot in the head. Ada-KV's budgets are per layer (a second sort, within each layer,
+//!    of its candidates keyed (score desc, head, rank) gives each head's share of the layer's
+//!    top-k, then the safeguard); KV-Compress's per sequence (candidate blocks priced by their
+//!    block metric, keyed (metric asc, head, block), cheapest `blocks_to_evict` taken). The
+//!    second sort is one device-wide radix sort: the keys carry their group in their high
+//!    bits (group_key_format).
 //! 4. evictor: top-k, or rounded up to whole blocks; kept flags per slot for compaction.
 //! Device-detected input errors (NaN scores, empty heads) are reported through `error` and
 //! make every later step of the same compression a no-op (strong guarantee).
 
+#include <cub/block/block_scan.cuh>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -146,7 +149,7 @@ struct plan_layout {
   int64_t heads = 0;   // batch * layer_count * H
   int64_t items = 0;   // heads * stride
   int32_t groups = 0;  // second-sort segments: layers (adaptive) or sequences (global)
-  bool second = false;
+  bool sorted = false; // Ada-KV / KV-Compress: the sorts of file comment 3. (else a select)
   int64_t span = 0;            // second sort: ranks per head (adaptive: stride; global: blocks per head)
   int64_t group_heads = 0;     // heads per group
   int64_t second_items = 0;    // groups * group_heads * span
@@ -159,9 +162,9 @@ template <kv_element T>
   l.heads = static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads;
   l.items = l.heads * a.stride;
   const bool adaptive = a.budget.type == device_budget::kind::adaptive;
-  l.second = adaptive || a.budget.type == device_budget::kind::global_blocks;
+  l.sorted = adaptive || a.budget.type == device_budget::kind::global_blocks;
   l.groups = adaptive ? a.batch * a.layer_count : a.batch;
-  if (l.second) {
+  if (l.sorted) {
     l.span = adaptive ? a.stride : ceil_div(a.stride, a.budget.block_size > 0 ? a.budget.block_size : 1);
     l.group_heads = adaptive ? a.pool.heads : static_cast<int64_t>(a.layer_count) * a.pool.heads;
     l.second_items = static_cast<int64_t>(l.groups) * l.group_heads * l.span;
@@ -178,31 +181,11 @@ template <kv_element T>
 
 //! CUB's storage for the second sort.
 [[nodiscard]] inline size_t second_sort_bytes(const plan_layout& l) noexcept {
-  if (!l.second) return 0;
+  if (!l.sorted) return 0;
   return workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.second_items, l.format.end_bit()});
 }
 
 }  // namespace detail
-
-//! Sort buffers (three key/value pairs: the first sort's two passes, then the Ada-KV /
-//! KV-Compress sort), per-head counters and CUB's temporary storage.
-template <kv_element T>
-[[nodiscard]] size_t workspace_size(const plan_arguments<T>& a) noexcept {
-  const detail::plan_layout l = detail::plan_layout_of(a);
-  detail::workspace_carver w(nullptr);
-  for (int i = 0; i < 3; ++i) w.take<uint64_t>(l.items);
-  for (int i = 0; i < 3; ++i) w.take<int32_t>(l.items);
-  w.take<int64_t>(l.heads);  // begin
-  w.take<int64_t>(l.heads);  // end
-  w.take<int32_t>(l.heads * 4);   // next, protected, select, earned
-  w.take<int32_t>(l.groups * 2);  // total / wanted
-  const size_t by_key = workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, 64});
-  const size_t by_head =
-      workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, detail::head_key_bits(l)});
-  const size_t second = detail::second_sort_bytes(l);
-  w.take<char>(static_cast<int64_t>(std::max({by_key, by_head, second})));
-  return w.used();
-}
 
 namespace detail {
 
@@ -224,7 +207,43 @@ struct plan_params {
   int32_t* earned = nullptr;      // [heads] Ada-KV share / KV-Compress evicted blocks
   int32_t* group_total = nullptr; // [groups] Ada-KV total / KV-Compress wanted
   int32_t* group_flag = nullptr;  // [groups] Ada-KV: compress this layer
+  void* sort_temp = nullptr;      // CUB's storage
 };
+
+//! Carves the plan's buffers out of `base` (null: only counts) and returns the bytes: rank
+//! keys and values; with the sorts two more pairs and CUB's storage (the largest of the
+//! three sorts'); head bounds, per-head and per-group counters.
+template <kv_element T>
+size_t carve_plan(plan_params<T>& p, void* base) noexcept {
+  const plan_layout& l = p.layout;
+  const int64_t sorted_items = l.sorted ? l.items : 0;
+  workspace_carver w(base);
+  p.keys_in = w.take<uint64_t>(l.items);
+  p.values_in = w.take<int32_t>(l.items);
+  p.keys_out = w.take<uint64_t>(sorted_items);
+  p.keys2 = w.take<uint64_t>(sorted_items);
+  p.values_out = w.take<int32_t>(sorted_items);
+  p.values2 = w.take<int32_t>(sorted_items);
+  p.begin = w.take<int64_t>(l.heads);
+  p.end = w.take<int64_t>(l.heads);
+  int32_t* counters = w.take<int32_t>(l.heads * 4);
+  p.next = counters;
+  p.protect = counters ? counters + l.heads : nullptr;
+  p.select = counters ? counters + 2 * l.heads : nullptr;
+  p.earned = counters ? counters + 3 * l.heads : nullptr;
+  int32_t* groups = w.take<int32_t>(l.groups * 2);
+  p.group_total = groups;
+  p.group_flag = groups ? groups + l.groups : nullptr;
+  size_t sort_bytes = 0;
+  if (l.sorted) {
+    const size_t by_key = workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, 64});
+    const size_t by_head =
+        workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, head_key_bits(l)});
+    sort_bytes = std::max({by_key, by_head, second_sort_bytes(l)});
+  }
+  p.sort_temp = w.take<char>(static_cast<int64_t>(sort_bytes));
+  return w.used();
+}
 
 __device__ __forceinline__ void report(int32_t* error, status s) {
   atomicCAS(error, 0, static_cast<int32_t>(s));
@@ -236,67 +255,98 @@ __device__ __forceinline__ int64_t mirror_head(const plan_arguments<T>& a, int64
   return batch_head(a.pool, a.rows, a.first_layer, a.layer_count, hi, layer);
 }
 
-//! One CTA per head: next position, protected count, new metrics, rank keys.
+//! Slots of one head each thread of the per-slot ranking kernels covers: their loads are
+//! issued together (a CTA per head looping over its slots waited on each load in turn).
+inline constexpr int32_t rank_items_per_thread = 8;
+
+//! Grid (chunks of the stride, heads): one past the newest position of each head, by an
+//! atomic max into the zeroed `next`; the first CTA of a head records its bounds and mirror
+//! index (and reports an empty head).
 template <kv_element T, int32_t Threads>
-__global__ void __launch_bounds__(Threads) rank_keys_kernel(const __grid_constant__ plan_params<T> p) {
-  __shared__ int32_t s_next, s_protect;
+__global__ void __launch_bounds__(Threads) head_next_kernel(const __grid_constant__ plan_params<T> p) {
   const auto& a = p.args;
-  const int64_t hi = blockIdx.x;
+  const int64_t hi = blockIdx.y;
   int32_t layer = 0;
   const int64_t head = mirror_head(a, hi, layer);
   const int32_t n = a.pool.lengths[head];
-  if (threadIdx.x == 0) {
-    s_next = 0;
-    s_protect = 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
     p.begin[hi] = hi * a.stride;
     p.end[hi] = hi * a.stride + n;
     a.head_index[hi] = head;
     if (n == 0) report(a.error, status::empty_sequence);
   }
-  __syncthreads();
-  int32_t local = 0;
-  for (int32_t j = threadIdx.x; j < n; j += Threads) local = max(local, a.pool.positions[a.pool.physical(head, j)] + 1);
-  atomicMax(&s_next, local);
-  __syncthreads();
-  const int32_t next = s_next;
-  int32_t protected_here = 0;
-  for (int32_t j = threadIdx.x; j < n; j += Threads) {
-    const int64_t slot = a.pool.physical(head, j);
-    const int32_t pos = a.pool.positions[slot];
-    const int64_t at = hi * a.stride + j;
-    float score = 0.f;
-    if (a.source == score_source::positional) {
-      score = static_cast<float>(pos);
-    } else if (a.source == score_source::scores) {
-      score = a.scores[at];
-    } else {
-      const float metric = a.pool.metrics[slot] + (a.scores ? a.scores[at] : 0.f);
-      a.new_metrics[at] = metric;
-      const int32_t queries = next - pos;
-      score = (a.norm == accumulation_norm::sum || queries <= 0) ? metric : metric / static_cast<float>(queries);
+  const int32_t first = static_cast<int32_t>(blockIdx.x) * Threads * rank_items_per_thread;
+  int32_t next = 0;
+#pragma unroll
+  for (int32_t i = 0; i < rank_items_per_thread; ++i) {
+    const int32_t j = first + i * Threads + static_cast<int32_t>(threadIdx.x);
+    if (j < n) next = max(next, a.pool.positions[a.pool.physical(head, j)] + 1);
+  }
+#pragma unroll
+  for (int32_t offset = 16; offset > 0; offset /= 2) next = max(next, __shfl_xor_sync(0xffffffffu, next, offset));
+  if (threadIdx.x % 32 == 0 && next > 0) atomicMax(&p.next[hi], next);
+}
+
+//! Grid (chunks of the stride, heads), after head_next_kernel: each slot's rank key (file
+//! comment, 1.) and new metric, padding keys past the head's length, and the protected count
+//! (an atomic add into the zeroed `protect`).
+template <kv_element T, int32_t Threads>
+__global__ void __launch_bounds__(Threads) rank_keys_kernel(const __grid_constant__ plan_params<T> p) {
+  constexpr int32_t items = rank_items_per_thread;
+  const auto& a = p.args;
+  const int64_t hi = blockIdx.y;
+  int32_t layer = 0;
+  const int64_t head = mirror_head(a, hi, layer);
+  const int32_t n = a.pool.lengths[head];
+  const int32_t next = p.next[hi];
+  const int32_t first = static_cast<int32_t>(blockIdx.x) * Threads * items;
+  // Every load first, so they are in flight together; then keys and stores.
+  int32_t pos[items];
+  float metric[items];    // accumulated: the slot's metric
+  float observed[items];  // the window score (accumulated: added to the metric), if scored
+#pragma unroll
+  for (int32_t i = 0; i < items; ++i) {
+    const int32_t j = first + i * Threads + static_cast<int32_t>(threadIdx.x);
+    pos[i] = 0;
+    metric[i] = observed[i] = 0.f;
+    if (j < n) {
+      const int64_t slot = a.pool.physical(head, j);
+      pos[i] = a.pool.positions[slot];
+      if (a.scores) observed[i] = a.scores[hi * a.stride + j];
+      if (a.source == score_source::accumulated) metric[i] = a.pool.metrics[slot];
     }
-    const bool is_protected = a.protect.contains(pos, next);
-    uint64_t key = 0;
-    if (is_protected) {
-      ++protected_here;
-    } else {
-      if (isnan(score) || score == -INFINITY) report(a.error, status::non_finite_input);
-      key = (static_cast<uint64_t>(~ordered_bits(score)) << 32) | static_cast<uint32_t>(pos);
+  }
+  int32_t protected_here = 0;
+#pragma unroll
+  for (int32_t i = 0; i < items; ++i) {
+    const int32_t j = first + i * Threads + static_cast<int32_t>(threadIdx.x);
+    if (j >= a.stride) break;
+    const int64_t at = hi * a.stride + j;
+    uint64_t key = ~uint64_t{0};  // padding: after every entry of the head
+    if (j < n) {
+      float score = observed[i];
+      if (a.source == score_source::positional) {
+        score = static_cast<float>(pos[i]);
+      } else if (a.source == score_source::accumulated) {
+        const float total = metric[i] + observed[i];
+        a.new_metrics[at] = total;
+        const int32_t queries = next - pos[i];
+        score = (a.norm == accumulation_norm::sum || queries <= 0) ? total : total / static_cast<float>(queries);
+      }
+      if (a.protect.contains(pos[i], next)) {
+        key = 0;
+        ++protected_here;
+      } else {
+        if (isnan(score) || score == -INFINITY) report(a.error, status::non_finite_input);
+        key = (static_cast<uint64_t>(~ordered_bits(score)) << 32) | static_cast<uint32_t>(pos[i]);
+      }
     }
     p.keys_in[at] = key;
-    p.values_in[at] = static_cast<int32_t>(at);  // the global index until the head pass
+    if (p.layout.sorted) p.values_in[at] = static_cast<int32_t>(at);  // the global index until the head pass
   }
-  for (int32_t j = n + static_cast<int32_t>(threadIdx.x); j < a.stride; j += Threads) {
-    const int64_t at = hi * a.stride + j;
-    p.keys_in[at] = ~uint64_t{0};  // padding: after every entry of the head
-    p.values_in[at] = static_cast<int32_t>(at);
-  }
-  atomicAdd(&s_protect, protected_here);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    p.next[hi] = next;
-    p.protect[hi] = s_protect;
-  }
+#pragma unroll
+  for (int32_t offset = 16; offset > 0; offset /= 2) protected_here += __shfl_xor_sync(0xffffffffu, protected_here, offset);
+  if (threadIdx.x % 32 == 0 && protected_here > 0) atomicAdd(&p.protect[hi], protected_here);
 }
 
 //! Between the two passes of the first sort: each entry's head (from its global index, the
@@ -527,37 +577,134 @@ __global__ void global_finish_kernel(const __grid_constant__ plan_params<T> p) {
   }
 }
 
-//! Evictor and kept flags, one CTA per head: keep = protected + (aligned) select; the first
-//! `keep` sorted entries are flagged.
+//! The evictor: slots head hi keeps, protected + (whole-block aligned) select; stored in
+//! `keep`. A select outside [0, ranked] or an empty plan is reported.
+template <kv_element T>
+__device__ int32_t kept_count(const plan_params<T>& p, int64_t hi, int32_t n) {
+  const auto& a = p.args;
+  const int32_t prot = p.protect[hi], ranked = n - prot;
+  const int32_t count = p.select[hi];
+  int32_t take = count;
+  if (count < 0 || count > ranked) {
+    report(a.error, status::invalid_argument);
+    take = ranked;
+  } else if (n > 0 && count + prot == 0) {
+    report(a.error, status::invalid_plan);
+  }
+  if (a.evictor.whole_blocks) {
+    const int32_t bs = a.evictor.block_size;
+    const int32_t whole = (take + prot + bs - 1) / bs * bs;
+    take = min(ranked, max(take, whole - prot));
+  }
+  a.keep[hi] = prot + take;
+  return prot + take;
+}
+
+//! Kept flags from the sorted order, one CTA per head: the first `keep` sorted entries.
 template <kv_element T>
 __global__ void keep_kernel(const __grid_constant__ plan_params<T> p) {
   __shared__ int32_t s_keep;
   const auto& a = p.args;
   const int64_t hi = blockIdx.x;
   const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
-  if (threadIdx.x == 0) {
-    const int32_t prot = p.protect[hi], ranked = n - prot;
-    const int32_t count = p.select[hi];
-    int32_t take = count;
-    if (count < 0 || count > ranked) {
-      report(a.error, status::invalid_argument);
-      take = ranked;
-    } else if (n > 0 && count + prot == 0) {
-      report(a.error, status::invalid_plan);
-    }
-    if (a.evictor.whole_blocks) {
-      const int32_t bs = a.evictor.block_size;
-      const int32_t whole = (take + prot + bs - 1) / bs * bs;
-      take = min(ranked, max(take, whole - prot));
-    }
-    s_keep = prot + take;
-    a.keep[hi] = prot + take;
-  }
+  if (threadIdx.x == 0) s_keep = kept_count(p, hi, n);
   __syncthreads();
   uint8_t* flags = a.kept + hi * a.stride;
   for (int32_t j = threadIdx.x; j < n; j += blockDim.x) flags[j] = 0;
   __syncthreads();
   for (int32_t i = threadIdx.x; i < s_keep; i += blockDim.x) flags[p.values_out[hi * a.stride + i]] = 1;
+}
+
+//! Keys of a head each thread loads per round of select_kept_kernel (in flight together).
+inline constexpr int32_t select_items_per_thread = 8;
+
+//! Kept flags of a per-head budget without sorting, one CTA per head: a radix select, most
+//! significant byte first, finds the keep-th smallest rank key (file comment, 1.); every key
+//! below it is kept, and of keys equal to it (a position held twice) the lowest slots, which
+//! is the order the stable sort gives. A pass counts, per value of the next byte, the keys
+//! that match the bytes chosen so far; it stops early once every key matching them is kept.
+template <kv_element T, int32_t Threads>
+__global__ void __launch_bounds__(Threads) select_kept_kernel(const __grid_constant__ plan_params<T> p) {
+  static_assert(Threads >= 256 && Threads % 32 == 0, "a thread per byte value, whole warps");
+  constexpr int32_t items = select_items_per_thread;
+  using scan = cub::BlockScan<int32_t, Threads>;
+  __shared__ typename scan::TempStorage temp;
+  __shared__ int32_t bins[256];
+  __shared__ int32_t s_keep, s_digit, s_below, s_count;
+  const auto& a = p.args;
+  const int64_t hi = blockIdx.x;
+  const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
+  const int32_t lane = static_cast<int32_t>(threadIdx.x % 32);
+  if (threadIdx.x == 0) s_keep = kept_count(p, hi, n);
+  __syncthreads();
+  const int32_t keep = s_keep;
+  const uint64_t* keys = p.keys_in + hi * a.stride;
+  uint8_t* flags = a.kept + hi * a.stride;
+
+  // Invariant: every key whose bits from `shift` up are below prefix's is kept, and `remaining`
+  // of the keys equal to prefix in those bits are.
+  uint64_t prefix = 0;
+  int32_t remaining = keep;
+  int32_t shift = 64;
+  bool settled = keep == 0 || keep == n;  // nothing to choose
+  while (!settled && shift > 0) {
+    shift -= 8;
+    for (int32_t i = static_cast<int32_t>(threadIdx.x); i < 256; i += Threads) bins[i] = 0;
+    __syncthreads();
+    for (int32_t base = 0; base < n; base += Threads * items) {  // warps run every round together
+      uint64_t key[items];
+#pragma unroll
+      for (int32_t i = 0; i < items; ++i) {
+        const int32_t j = base + i * Threads + static_cast<int32_t>(threadIdx.x);
+        key[i] = j < n ? keys[j] : 0;
+      }
+#pragma unroll
+      for (int32_t i = 0; i < items; ++i) {
+        const int32_t j = base + i * Threads + static_cast<int32_t>(threadIdx.x);
+        const bool match = j < n && (shift == 56 || (key[i] >> (shift + 8)) == (prefix >> (shift + 8)));
+        const int32_t digit = match ? static_cast<int32_t>((key[i] >> shift) & 0xffu) : -1;
+        // Lanes with the same byte add once (scores share their high bytes: few bins).
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (match && lane == __ffs(peers) - 1) atomicAdd(&bins[digit], __popc(peers));
+      }
+    }
+    __syncthreads();
+    // The byte value whose keys hold the remaining-th kept one: an exclusive scan of the bins.
+    const int32_t count = threadIdx.x < 256 ? bins[threadIdx.x] : 0;
+    int32_t below = 0;
+    scan(temp).ExclusiveSum(count, below);
+    if (threadIdx.x < 256 && below < remaining && remaining <= below + count) {
+      s_digit = static_cast<int32_t>(threadIdx.x);
+      s_below = below;
+      s_count = count;
+    }
+    __syncthreads();
+    prefix |= static_cast<uint64_t>(s_digit) << shift;
+    remaining -= s_below;
+    settled = s_count == remaining;
+    __syncthreads();  // bins and s_* are rewritten by the next pass
+  }
+
+  if (settled) {  // kept: keys at or below prefix in the bits from `shift` up (all or none)
+    for (int32_t j = static_cast<int32_t>(threadIdx.x); j < n; j += Threads) {
+      const bool kept = keep == n || (keep > 0 && (keys[j] >> shift) <= (prefix >> shift));
+      flags[j] = kept ? 1 : 0;
+    }
+    return;
+  }
+  // shift == 0: prefix is the threshold key; `remaining` of the keys equal to it are kept, the
+  // lowest slots first (numbered by a block scan in slot order).
+  int32_t taken = 0;
+  for (int32_t base = 0; base < n; base += Threads) {
+    const int32_t j = base + static_cast<int32_t>(threadIdx.x);
+    const uint64_t key = j < n ? keys[j] : ~uint64_t{0};
+    const int32_t tie = j < n && key == prefix ? 1 : 0;
+    int32_t before = 0, ties = 0;
+    scan(temp).ExclusiveSum(tie, before, ties);
+    if (j < n) flags[j] = key < prefix || (tie && taken + before < remaining) ? 1 : 0;
+    taken += ties;
+    __syncthreads();  // temp is reused by the next round
+  }
 }
 
 //! Stores the accumulated metrics (before compaction, which carries them) unless an error
@@ -573,6 +720,18 @@ __global__ void commit_metrics_kernel(const __grid_constant__ plan_params<T> p) 
     a.pool.metrics[a.pool.physical(head, j)] = a.new_metrics[hi * a.stride + j];
 }
 
+//! With an accumulated source, stores the new slot metrics (the plan's last step).
+template <kv_element T>
+[[nodiscard]] status commit_metrics(const plan_params<T>& p, cudaStream_t stream) {
+  const auto& a = p.args;
+  if (a.source != score_source::accumulated) return status::success;
+  const int32_t et = default_tuning.elementwise.threads;
+  const unsigned x = static_cast<unsigned>(ceil_div(a.stride, et) < 64 ? ceil_div(a.stride, et) : 64);
+  commit_metrics_kernel<T><<<dim3(x, static_cast<unsigned>(p.layout.heads)), et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  return status::success;
+}
+
 //! keys_in -> keys2 (values alongside), each group ordered by its candidates' keys.
 template <kv_element T>
 [[nodiscard]] status second_sort(const plan_params<T>& p, void* temp, cudaStream_t stream) {
@@ -582,6 +741,14 @@ template <kv_element T>
 
 }  // namespace detail
 
+//! Rank keys and values (Ada-KV and KV-Compress: sort buffers and CUB's storage too), head
+//! bounds and counters.
+template <kv_element T>
+[[nodiscard]] size_t workspace_size(const plan_arguments<T>& a) noexcept {
+  detail::plan_params<T> p{a, detail::plan_layout_of(a)};
+  return detail::carve_plan(p, nullptr);
+}
+
 //! Ranks, sizes and flags the kept slots of every head of the batch on `stream`; with an
 //! accumulated source it also stores the new slot metrics. Compaction is compaction.cuh.
 template <kv_element T>
@@ -590,34 +757,31 @@ template <kv_element T>
   if (a.batch == 0) return status::success;
   if (!workspace) return status::invalid_argument;
   const detail::plan_layout l = detail::plan_layout_of(a);
-  detail::workspace_carver w(workspace);
   detail::plan_params<T> p{a, l};
-  p.keys_in = w.take<uint64_t>(l.items);
-  p.keys_out = w.take<uint64_t>(l.items);
-  p.keys2 = w.take<uint64_t>(l.items);
-  p.values_in = w.take<int32_t>(l.items);
-  p.values_out = w.take<int32_t>(l.items);
-  p.values2 = w.take<int32_t>(l.items);
-  p.begin = w.take<int64_t>(l.heads);
-  p.end = w.take<int64_t>(l.heads);
-  int32_t* counters = w.take<int32_t>(l.heads * 4);
-  p.next = counters;
-  p.protect = counters + l.heads;
-  p.select = counters + 2 * l.heads;
-  p.earned = counters + 3 * l.heads;
-  int32_t* groups = w.take<int32_t>(l.groups * 2);
-  p.group_total = groups;
-  p.group_flag = groups + l.groups;
-  void* sort_temp = w.take<char>(0);  // the rest: CUB's storage
-
+  detail::carve_plan(p, workspace);
+  void* sort_temp = p.sort_temp;
   KVTRIM_CUDA_TRY(cudaMemsetAsync(a.error, 0, sizeof(int32_t), stream));
+  // The per-head counters start at zero: next and protect are atomic maxima and sums.
+  KVTRIM_CUDA_TRY(cudaMemsetAsync(p.next, 0, static_cast<size_t>(l.heads) * 4 * sizeof(int32_t), stream));
   const auto heads = static_cast<unsigned>(l.heads);
   constexpr int32_t pt = default_tuning.planning.threads;
-  detail::rank_keys_kernel<T, pt><<<heads, pt, 0, stream>>>(p);
+  constexpr int32_t et = default_tuning.elementwise.threads;
+  const dim3 per_slot(static_cast<unsigned>(detail::ceil_div(a.stride, et * detail::rank_items_per_thread)), heads);
+  detail::head_next_kernel<T, et><<<per_slot, et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  // The first sort (file comment, 2.): by key, then stably by head; the result lands in
+  detail::rank_keys_kernel<T, et><<<per_slot, et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  if (a.budget.type == device_budget::kind::uniform || a.budget.type == device_budget::kind::pyramid) {
+    // A per-head budget needs each head's kept set, not its order (file comment, 2.).
+    detail::per_head_budget_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+    KVTRIM_CUDA_TRY(cudaGetLastError());
+    constexpr int32_t st = default_tuning.planning.select_threads;
+    detail::select_kept_kernel<T, st><<<heads, st, 0, stream>>>(p);
+    KVTRIM_CUDA_TRY(cudaGetLastError());
+    return detail::commit_metrics(p, stream);
+  }
+  // The first sort (file comment, 3.): by key, then stably by head; the result lands in
   // keys_in / values_in, which are then named keys_out / values_out (the buffers swap roles).
-  const int32_t et = default_tuning.elementwise.threads;
   if (const status s = radix_sort({p.keys_in, p.keys_out, p.values_in, p.values_out, l.items, 64}, sort_temp, stream);
       s != status::success)
     return s;
@@ -635,9 +799,7 @@ template <kv_element T>
   switch (a.budget.type) {
     case device_budget::kind::uniform:
     case device_budget::kind::pyramid:
-      detail::per_head_budget_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      break;
+      break;  // selected above
     case device_budget::kind::adaptive: {
       detail::adaptive_prepare_kernel<T><<<detail::grid_for(l.groups, 64), 64, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
@@ -668,12 +830,7 @@ template <kv_element T>
   }
   detail::keep_kernel<T><<<heads, pt, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  if (a.source == score_source::accumulated) {
-    const unsigned x = static_cast<unsigned>(detail::ceil_div(a.stride, et) < 64 ? detail::ceil_div(a.stride, et) : 64);
-    detail::commit_metrics_kernel<T><<<dim3(x, heads), et, 0, stream>>>(p);
-    KVTRIM_CUDA_TRY(cudaGetLastError());
-  }
-  return status::success;
+  return detail::commit_metrics(p, stream);
 }
 
 }  // namespace cuda
