@@ -281,10 +281,12 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
       for (int32_t u = 0; u < unroll; ++u)
         if (valid[u]) m_new = fmaxf(m_new, logit[u][g]);
       if (m_new == -INFINITY) continue;  // no valid key in this round
-      const float scale = exp2f(m[g] - m_new);
-      s[g] *= scale;
+      if (m_new != m[g]) {  // else the scale is exactly 1: most rounds, once the max settles
+        const float scale = exp2f(m[g] - m_new);
+        s[g] *= scale;
 #pragma unroll
-      for (int32_t e = 0; e < epl; ++e) acc[g][e] *= scale;
+        for (int32_t e = 0; e < epl; ++e) acc[g][e] *= scale;
+      }
 #pragma unroll
       for (int32_t u = 0; u < unroll; ++u) {
         if (!valid[u]) continue;
