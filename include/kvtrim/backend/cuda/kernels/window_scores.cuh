@@ -625,7 +625,8 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_st
 #pragma unroll
         for (int32_t j = 0; j < 8; ++j)
           if (kpos[j] <= qpos) sum += exp2f(x[i][j] - m_new);
-        s[i] = s[i] * exp2f(m[i] - m_new) + sum;
+        // An unchanged max would scale by exactly 1: skip its exp2 (one rounding either way).
+        s[i] = m_new != m[i] ? fmaf(s[i], exp2f(m[i] - m_new), sum) : s[i] + sum;
         m[i] = m_new;
       }
     }
