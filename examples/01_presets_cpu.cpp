@@ -70,7 +70,8 @@ void run(const char* name, const Policy& policy, const prompt_data& p) {
     for (int32_t h = 0; h < model.kv_heads; ++h) {
       const auto pos = cache.positions(0, l, h);
       kept += static_cast<int64_t>(pos.size());
-      per_head += " " + std::to_string(pos.size());
+      per_head += ' ';
+      per_head += std::to_string(pos.size());
       for (const int32_t t : pos) heavy_kept += p.heavy.count(t);
       heavy_total += static_cast<int64_t>(p.heavy.size());
     }
