@@ -1,7 +1,8 @@
-// The keys of the planner's second sort (ranking.cuh, group_key_format): one device-wide sort
-// must order them as a segmented sort by group would, i.e. by (group, score bits, local), with
-// each group's padding after its candidates and before the next group, for every size the
-// planner accepts. Pure host arithmetic, so it needs no GPU.
+// The planner's host arithmetic (ranking.cuh), so it needs no GPU: the keys of its second sort
+// (group_key_format), which one device-wide sort must order as a segmented sort by group would,
+// i.e. by (group, score bits, local), with each group's padding after its candidates and before
+// the next group, for every size the planner accepts; and its workspace, which holds sort
+// buffers only for the budgets that sort.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -83,5 +84,28 @@ TEST_CASE("second-sort keys fit 64 bits for every size the planner accepts", "[c
     CHECK(f.end_bit() <= 64);
     CHECK(f.local_of(f.encode(groups - 1, 0xfffffffeu, static_cast<uint32_t>(locals - 1))) == locals - 1);
     CHECK(f.encode(groups - 1, 0xfffffffeu, static_cast<uint32_t>(locals - 1)) < f.padding(groups - 1));
+  }
+}
+
+TEST_CASE("plan workspace: per-head budgets select without sort buffers, Ada-KV and KV-Compress sort", "[cuda]") {
+  cu::plan_arguments<float> a;
+  a.pool.layers = 2;
+  a.pool.heads = 4;
+  a.pool.head_dim = 8;
+  a.batch = 3;
+  a.layer_count = 2;
+  a.stride = 1000;
+  const int64_t heads = 3 * 2 * 4, items = heads * 1000;
+  const auto bytes = [](int64_t count, size_t size) { return cu::detail::align_up(static_cast<size_t>(count) * size); };
+  // Rank keys and values, head bounds, four per-head and two per-group counters.
+  const size_t selecting = bytes(items, 8) + bytes(items, 4) + 2 * bytes(heads, 8) + bytes(heads * 4, 4) + bytes(2 * 3, 4);  // groups: the 3 sequences
+  for (const auto kind : {cu::device_budget::kind::uniform, cu::device_budget::kind::pyramid}) {
+    a.budget.type = kind;
+    CHECK(cu::workspace_size(a) == selecting);
+  }
+  for (const auto kind : {cu::device_budget::kind::adaptive, cu::device_budget::kind::global_blocks}) {
+    a.budget.type = kind;
+    // Two more key / value pairs, and CUB's storage, which CUB sizes for the device (none here: 0).
+    CHECK(cu::workspace_size(a) >= selecting + 2 * bytes(items, 8) + 2 * bytes(items, 4));
   }
 }
