@@ -133,15 +133,13 @@ TEMPLATE_TEST_CASE("decode attention captured in a CUDA graph matches the eager 
   CHECK(same_bytes(download(eager_args.pool.metrics, slots), download(graph_args.pool.metrics, slots)));
 }
 
-TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eager launch", "[cuda]", float,
-                   kv::bfloat16) {
-  const int32_t d = GENERATE(8, 128);
-  const auto math = GENERATE(kv::cuda::window_math::exact, kv::cuda::window_math::tensor_cores);
-  if (math == kv::cuda::window_math::tensor_cores && !std::is_same_v<TestType, kv::bfloat16>) return;  // bf16 keys only
-  CAPTURE(d, static_cast<int>(math));
+namespace {
+
+//! One compression step with `policy` (window rows_per_seq), eager on one cache and replayed
+//! from a graph on its twin: the same lengths, K, V and positions, byte for byte.
+template <class Policy, kv::kv_element TestType>
+void check_compression_graph(const Policy& policy, int32_t d, kv::cuda::window_math math, int32_t rows_per_seq) {
   const kv::attention_shape model{2, 8, 2, d};
-  const int32_t rows_per_seq = 8;
-  const kv::ada_snapkv_policy policy = kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = rows_per_seq});
   const kv::paged_cache_config config{model, 16, 2 * 2 * 2 * (220 / 16 + 2), 2, 220};
   const std::vector<int64_t> seqs{1, 2};
   identical_pair<TestType> pair(config, seqs, 200);
@@ -157,7 +155,7 @@ TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eage
   const int64_t heads = static_cast<int64_t>(seqs.size()) * model.layers * model.kv_heads;
   device_memory keep_eager(heads * sizeof(int32_t)), keep_graph(heads * sizeof(int32_t)), error(2 * sizeof(int32_t));
 
-  using args_t = kv::cuda::compress_arguments<kv::ada_snapkv_policy, TestType>;
+  using args_t = kv::cuda::compress_arguments<Policy, TestType>;
   const auto arguments = [&](twin_caches<TestType>& c, int32_t* keep, int32_t* err) {
     args_t a;
     a.policy = policy;
@@ -190,4 +188,23 @@ TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eage
   CHECK(same_bytes(download(eager_args.pool.keys, elements), download(graph_args.pool.keys, elements)));
   CHECK(same_bytes(download(eager_args.pool.values, elements), download(graph_args.pool.values, elements)));
   CHECK(same_bytes(download(eager_args.pool.positions, slots), download(graph_args.pool.positions, slots)));
+}
+
+}  // namespace
+
+// Ada-KV ranks by sorting every head; SnapKV's per-head budget selects each head's kept slots.
+TEMPLATE_TEST_CASE("a compression step captured in a CUDA graph matches the eager launch", "[cuda]", float,
+                   kv::bfloat16) {
+  const int32_t d = GENERATE(8, 128);
+  const auto math = GENERATE(kv::cuda::window_math::exact, kv::cuda::window_math::tensor_cores);
+  if (math == kv::cuda::window_math::tensor_cores && !std::is_same_v<TestType, kv::bfloat16>) return;  // bf16 keys only
+  CAPTURE(d, static_cast<int>(math));
+  SECTION("Ada-KV") {
+    check_compression_graph<kv::ada_snapkv_policy, TestType>(
+        kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), d, math, 8);
+  }
+  SECTION("SnapKV") {
+    check_compression_graph<kv::snapkv_policy, TestType>(
+        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), d, math, 8);
+  }
 }
