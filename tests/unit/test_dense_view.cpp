@@ -1,6 +1,7 @@
 // The dense view: a kv_store over an engine's own contiguous [batch][H][n][d] cache.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -218,4 +219,113 @@ TEST_CASE("dense view bad input: decode attention on an unknown row or an empty 
     return cpu::decode_attention(f.view, 0, 0, 4, std::span<const float>(q).first(31), out, decode_accumulation::sum,
                                  gqa_reduce::mean, scratch);
   });
+}
+
+namespace {
+
+//! Every head of row `seq` in both stores: lengths, and in slot order the positions, keys,
+//! values and metrics, bit for bit (both compact with compaction_moves and attend slot by slot).
+void check_same_rows(const dense_view<float>& view, const paged_cache<float>& paged, int64_t seq) {
+  for (int32_t l = 0; l < model.layers; ++l)
+    for (int32_t h = 0; h < model.kv_heads; ++h) {
+      CAPTURE(seq, l, h);
+      const int32_t n = view.head_length(seq, l, h);
+      REQUIRE(paged.head_length(seq, l, h) == n);
+      const auto size = static_cast<size_t>(n);
+      std::vector<int32_t> pv(size), pp(size);
+      std::vector<float> kv(size * model.head_dim), kp(kv.size()), vv(kv.size()), vp(kv.size()), mv(size), mp(size);
+      REQUIRE(view.read_head(seq, l, h, pv, kv, mv) == status::success);
+      REQUIRE(paged.read_head(seq, l, h, pp, kp, mp) == status::success);
+      REQUIRE(view.read_values(seq, l, h, vv) == status::success);
+      REQUIRE(paged.read_values(seq, l, h, vp) == status::success);
+      CHECK(pv == pp);
+      CHECK(kv == kp);
+      CHECK(vv == vp);
+      CHECK(mv == mp);
+    }
+}
+
+}  // namespace
+
+// Differential: the same random sequence of appends, compressions with every preset, decode
+// steps that accumulate metrics, hand-made plans and clears, on a dense view and on a paged
+// cache, must leave both with the same statuses and the same contents after every operation.
+TEST_CASE("a dense view and a paged cache stay identical under random operations", "[cpu][cache][dense-view]") {
+  const uint32_t seed = GENERATE(1u, 2u, 3u, 4u, 5u, 6u);
+  CAPTURE(seed);
+  std::mt19937 rng(seed);
+  view_fixture f;
+  const paged_cache_config config{model, 4, batch * model.layers * model.kv_heads * (capacity / 4), batch, capacity};
+  paged_cache<float> paged;
+  REQUIRE(paged_cache<float>::create(config, paged) == status::success);
+  std::vector<int32_t> next(batch, 0);  // each row's next position
+  for (int64_t s = 0; s < batch; ++s) REQUIRE(paged.add_sequence(s) == status::success);
+  const auto pick = [&](int32_t lo, int32_t hi) { return std::uniform_int_distribution<int32_t>(lo, hi)(rng); };
+  std::vector<float> scratch_view, scratch_paged;
+
+  for (int32_t step = 0; step < 60; ++step) {
+    const int64_t s = pick(0, batch - 1);
+    int32_t longest = 0, shortest = capacity;
+    for (int32_t l = 0; l < model.layers; ++l)
+      for (int32_t h = 0; h < model.kv_heads; ++h) {
+        longest = std::max(longest, f.view.head_length(s, l, h));
+        shortest = std::min(shortest, f.view.head_length(s, l, h));
+      }
+    const int32_t op = pick(0, 9);
+    CAPTURE(step, s, op);
+    if (op <= 3 && longest < capacity) {  // append a chunk or a decode token to every layer
+      const int32_t tokens = pick(1, std::min(capacity - longest, op == 0 ? 12 : 1));
+      const size_t count = static_cast<size_t>(model.layers) * tokens * model.kv_heads * model.head_dim;
+      const auto k = gaussian(rng, count), v = gaussian(rng, count);
+      const auto positions = iota_positions(next[static_cast<size_t>(s)], tokens);
+      next[static_cast<size_t>(s)] += tokens;
+      CHECK(to_string(f.view.append(s, positions, k, v)) == to_string(paged.append(s, positions, k, v)));
+    } else if (op <= 5 && shortest > 0) {  // decode attention of one layer, accumulating or not
+      const int32_t layer = pick(0, model.layers - 1);
+      const auto acc = static_cast<decode_accumulation>(pick(0, 2));
+      const auto q = gaussian(rng, static_cast<size_t>(model.q_heads) * model.head_dim);
+      std::vector<float> out_view(q.size()), out_paged(q.size());
+      CHECK(to_string(cpu::decode_attention(f.view, s, layer, model.q_heads, q, out_view, acc, gqa_reduce::mean,
+                                            scratch_view)) ==
+            to_string(cpu::decode_attention(paged, s, layer, model.q_heads, q, out_paged, acc, gqa_reduce::mean,
+                                            scratch_paged)));
+      CHECK(out_view == out_paged);
+    } else if (op <= 7 && shortest >= 4) {  // compress with a preset and a random budget
+      const token_budget b = token_budget::of_tokens(pick(6, 24));
+      const int32_t w = 4;
+      const size_t rows = static_cast<size_t>(model.layers) * w * model.q_heads * model.head_dim;
+      const auto queries = gaussian(rng, rows);
+      const auto window = iota_positions(next[static_cast<size_t>(s)] - w, w);
+      const cpu::observation obs{queries, window};
+      const auto both = [&](const auto& policy) {
+        CHECK(to_string(cpu::compress(policy, f.view, s, model, obs)) ==
+              to_string(cpu::compress(policy, paged, s, model, obs)));
+      };
+      switch (pick(0, 5)) {
+        case 0: both(streaming_llm({.budget = b, .sinks = 2})); break;
+        case 1: both(h2o({.budget = b, .recent = w})); break;
+        case 2: both(snapkv({.budget = b, .window = w})); break;
+        case 3: both(pyramidkv({.budget = b, .window = w})); break;
+        case 4: both(ada_kv({.budget = b, .window = w})); break;
+        default: both(kv_compress({.budget = b, .block_size = 4, .protected_window = w})); break;
+      }
+    } else if (op == 8 && shortest > 0) {  // a hand-made plan: each head keeps a random subset
+      eviction_plan plan(model.layers, model.kv_heads);
+      for (int32_t l = 0; l < model.layers; ++l)
+        for (int32_t h = 0; h < model.kv_heads; ++h) {
+          const int32_t n = f.view.head_length(s, l, h);
+          std::vector<int32_t> kept;
+          for (int32_t j = 0; j < n; ++j)
+            if (j == 0 || pick(0, 2) != 0) kept.push_back(j);
+          plan.set_head(l, h, n, kept);
+        }
+      CHECK(to_string(f.view.apply(s, plan)) == to_string(paged.apply(s, plan)));
+    } else if (op == 9) {  // the row ends; a new sequence takes it
+      CHECK(f.view.clear(s) == status::success);
+      CHECK(paged.free_sequence(s) == status::success);
+      CHECK(paged.add_sequence(s) == status::success);
+      next[static_cast<size_t>(s)] = 0;
+    }
+    for (int64_t r = 0; r < batch; ++r) check_same_rows(f.view, paged, r);
+  }
 }
