@@ -132,6 +132,8 @@ class dense_cache {
         current[static_cast<size_t>(l) * shape_.kv_heads + h] = head_length(seq, l, h);
     if (const status s = plan.validate(current); s != status::success) return s;
     std::vector<slot_move> moves;
+    std::vector<size_t> offsets;
+    compaction_moves(plan, moves, offsets);  // every allocation, before anything changes
     const auto d = static_cast<size_t>(shape_.head_dim);
     for (int32_t l = 0; l < shape_.layers; ++l)
       for (int32_t h = 0; h < shape_.kv_heads; ++h) {
@@ -141,8 +143,9 @@ class dense_cache {
           const auto m = plan.metrics.row(l, h);
           std::copy(m.begin(), m.end(), metrics_.begin() + static_cast<std::ptrdiff_t>(base));
         }
-        compaction_moves(lengths_[head], plan.kept(l, h), moves);
-        for (const slot_move& mv : moves) {
+        const size_t i = static_cast<size_t>(l) * static_cast<size_t>(shape_.kv_heads) + static_cast<size_t>(h);
+        for (size_t m = offsets[i]; m < offsets[i + 1]; ++m) {
+          const slot_move& mv = moves[m];
           const size_t dst = base + static_cast<size_t>(mv.dst), src = base + static_cast<size_t>(mv.src);
           std::copy_n(keys_.begin() + static_cast<std::ptrdiff_t>(src * d), d, keys_.begin() + static_cast<std::ptrdiff_t>(dst * d));
           std::copy_n(values_.begin() + static_cast<std::ptrdiff_t>(src * d), d, values_.begin() + static_cast<std::ptrdiff_t>(dst * d));

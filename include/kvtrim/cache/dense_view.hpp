@@ -168,6 +168,7 @@ class dense_view {
       for (int32_t h = 0; h < shape_.kv_heads; ++h)
         current_[static_cast<size_t>(l) * shape_.kv_heads + h] = head_length(seq, l, h);
     if (const status s = plan.validate(current_); s != status::success) return s;
+    compaction_moves(plan, moves_, move_offsets_);  // every allocation, before anything changes
     const auto d = static_cast<size_t>(head_dim());
     for (int32_t l = 0; l < shape_.layers; ++l) {
       dense_layer<T>& layer = layers_[static_cast<size_t>(l)];
@@ -177,8 +178,9 @@ class dense_view {
           const auto m = plan.metrics.row(l, h);
           std::copy(m.begin(), m.end(), layer.metrics.begin() + static_cast<std::ptrdiff_t>(base));
         }
-        compaction_moves(plan.length_before(l, h), plan.kept(l, h), moves_);
-        for (const slot_move& mv : moves_) {
+        const size_t i = static_cast<size_t>(l) * static_cast<size_t>(shape_.kv_heads) + static_cast<size_t>(h);
+        for (size_t m = move_offsets_[i]; m < move_offsets_[i + 1]; ++m) {
+          const slot_move& mv = moves_[m];
           const size_t dst = base + static_cast<size_t>(mv.dst), src = base + static_cast<size_t>(mv.src);
           std::copy_n(layer.keys.begin() + static_cast<std::ptrdiff_t>(src * d), d, layer.keys.begin() + static_cast<std::ptrdiff_t>(dst * d));
           std::copy_n(layer.values.begin() + static_cast<std::ptrdiff_t>(src * d), d, layer.values.begin() + static_cast<std::ptrdiff_t>(dst * d));
@@ -242,7 +244,8 @@ class dense_view {
   int32_t batch_ = 0, capacity_ = 0;
   std::vector<dense_layer<T>> layers_;  // [L] the engine's buffers
   std::vector<int32_t> current_;        // scratch: [L][H] lengths of the sequence being compressed
-  std::vector<slot_move> moves_;        // scratch: one head's compaction moves
+  std::vector<slot_move> moves_;        // scratch: every head's compaction moves
+  std::vector<size_t> move_offsets_;    // scratch: [L * H + 1] each head's first move
 };
 static_assert(kv_store<dense_view<float>>);
 static_assert(kv_store<dense_view<bfloat16, 64>>);

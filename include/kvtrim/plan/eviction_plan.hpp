@@ -103,4 +103,19 @@ inline void compaction_moves(int32_t length, std::span<const int32_t> kept, std:
   }
 }
 
+//! The compaction moves of every head of `plan`: head (l, h)'s are moves[offsets[i],
+//! offsets[i + 1]) with i = l * heads + h. A store computes them all before it moves anything,
+//! so an allocation that fails (std::bad_alloc) leaves it as it was.
+inline void compaction_moves(const eviction_plan& plan, std::vector<slot_move>& moves, std::vector<size_t>& offsets) {
+  std::vector<slot_move> head;
+  moves.clear();
+  offsets.assign(static_cast<size_t>(plan.layers()) * static_cast<size_t>(plan.heads()) + 1, 0);
+  for (int32_t l = 0; l < plan.layers(); ++l)
+    for (int32_t h = 0; h < plan.heads(); ++h) {
+      compaction_moves(plan.length_before(l, h), plan.kept(l, h), head);
+      moves.insert(moves.end(), head.begin(), head.end());
+      offsets[static_cast<size_t>(l) * static_cast<size_t>(plan.heads()) + static_cast<size_t>(h) + 1] = moves.size();
+    }
+}
+
 KVTRIM_NAMESPACE_END

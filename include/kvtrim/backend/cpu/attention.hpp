@@ -82,6 +82,17 @@ void attend_slots(std::span<const float> q, int32_t group, int32_t head_dim, con
   });
 }
 
+//! Sizes `scratch` for the [G][n] probabilities of the layer's longest head, so that a layer's
+//! only allocation comes before its first head changes a metric or an output: a failed
+//! allocation (std::bad_alloc) then leaves the store as it was.
+template <kv_store S>
+void reserve_decode_scratch(const S& store, int64_t seq, int32_t layer, int32_t group, std::vector<float>& scratch) {
+  size_t longest = 0;
+  for (int32_t h = 0; h < store.shape().kv_heads; ++h)
+    longest = std::max(longest, static_cast<size_t>(store.head_length(seq, layer, h)));
+  scratch.reserve(static_cast<size_t>(group) * longest);
+}
+
 //! The checks decode_attention makes before touching any metric; `group` receives
 //! Hq / stored heads. empty_sequence if any head of the layer is empty.
 template <kv_store S>
@@ -132,6 +143,7 @@ template <kv_store S>
                                              std::vector<float>& scratch) {
   int32_t group = 0;
   if (const status s = detail::check_decode(cache, seq, layer, q_heads, q, out, group); s != status::success) return s;
+  detail::reserve_decode_scratch(cache, seq, layer, group, scratch);
   const attention_shape shape = cache.shape();
   const auto width = static_cast<size_t>(group) * static_cast<size_t>(shape.head_dim);
   for (int32_t h = 0; h < shape.kv_heads; ++h) {

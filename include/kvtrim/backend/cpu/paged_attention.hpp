@@ -38,6 +38,7 @@ template <kv_element T, int32_t HeadDim, paged_storage<T> Storage>
                 "kvtrim::paged_cache, or the CUDA backend's paged attention for a device cache.");
   int32_t group = 0;
   if (const status s = detail::check_decode(cache, seq, layer, q_heads, q, out, group); s != status::success) return s;
+  detail::reserve_decode_scratch(cache, seq, layer, group, scratch);
   const attention_shape shape = cache.shape();
   const auto width = static_cast<size_t>(group) * static_cast<size_t>(cache.head_dim());
   const paged_buffers<T> pool = cache.buffers();
@@ -57,6 +58,7 @@ template <kv_element T, int32_t HeadDim>
                                       gqa_reduce reduce, std::vector<float>& scratch) {
   int32_t group = 0;
   if (const status s = detail::check_decode(view, seq, layer, q_heads, q, out, group); s != status::success) return s;
+  detail::reserve_decode_scratch(view, seq, layer, group, scratch);
   const attention_shape shape = view.shape();
   const auto width = static_cast<size_t>(group) * static_cast<size_t>(view.head_dim());
   const int32_t whole_head = 0;  // the head's slots are one contiguous "block" of `capacity` tokens
