@@ -386,6 +386,35 @@ TEST_CASE("errors: compaction_moves of a kept list that keeps all or nothing mov
   CHECK((moves[0].dst == 1 && moves[0].src == 9 && moves[1].dst == 2 && moves[1].src == 8));
 }
 
+TEST_CASE("errors: compaction_moves of a whole plan gives each head's moves, and none for an empty plan",
+          "[cpu][errors]") {
+  std::vector<slot_move> moves{{7, 7}}, one;
+  std::vector<size_t> offsets{9};
+  compaction_moves(eviction_plan(), moves, offsets);
+  CHECK(moves.empty());
+  CHECK(offsets == std::vector<size_t>{0});
+  eviction_plan plan(1, 3);
+  plan.set_head(0, 0, 10, std::vector<int32_t>{0, 3, 8, 9});
+  plan.set_head(0, 1, 4, std::vector<int32_t>{0, 1, 2, 3});
+  plan.set_head(0, 2, 6, std::vector<int32_t>{5});
+  compaction_moves(plan, moves, offsets);
+  REQUIRE(offsets == std::vector<size_t>{0, 2, 2, 3});
+  for (int32_t h = 0; h < 3; ++h) {
+    compaction_moves(plan.length_before(0, h), plan.kept(0, h), one);
+    REQUIRE(one.size() == offsets[h + 1] - offsets[h]);
+    for (size_t m = 0; m < one.size(); ++m)
+      CHECK((moves[offsets[h] + m].dst == one[m].dst && moves[offsets[h] + m].src == one[m].src));
+  }
+}
+
+TEST_CASE("errors: eviction_plan::reserve of a count no vector can hold reserves nothing", "[cpu][errors]") {
+  eviction_plan plan(1, 1);
+  plan.reserve(std::numeric_limits<size_t>::max());  // no std::length_error: bad_alloc stays the only exception
+  plan.set_head(0, 0, 3, std::vector<int32_t>{0, 2});
+  CHECK(plan.kept_count(0, 0) == 2);
+  CHECK(plan.validate(std::vector<int32_t>{3}) == status::success);
+}
+
 // ---- a composed policy
 
 TEST_CASE("errors: policy::validate reports the metric, then the allocator, evictor, schedule and RoPE", "[cpu][errors]") {

@@ -28,6 +28,12 @@ class eviction_plan {
       : layers_(layers), heads_(heads), lengths_(static_cast<size_t>(layers) * heads, 0),
         offsets_(static_cast<size_t>(layers) * heads + 1, 0) {}
 
+  //! Room for `kept_slots` kept slots over all heads, so set_head allocates nothing below it.
+  //! A count no vector can hold reserves nothing (std::bad_alloc stays the only exception).
+  void reserve(size_t kept_slots) {
+    if (kept_slots <= kept_.max_size()) kept_.reserve(kept_slots);
+  }
+
   //! Heads must be set in (layer, head) order; `kept` ascending slot indices of `length` slots.
   void set_head(int32_t l, int32_t h, int32_t length, std::span<const int32_t> kept) {
     const size_t i = index(l, h);

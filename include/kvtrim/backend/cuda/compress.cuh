@@ -406,31 +406,42 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   a.keep = buffers.keep;
   a.error = buffers.error;
   a.math = math;
+  // The commit's host memory is allocated before the device changes anything, so a failed
+  // allocation (std::bad_alloc) of it leaves the cache as it was.
+  std::vector<int32_t> keep(static_cast<size_t>(heads) + 1);
+  std::vector<int32_t> prefix;
+  prefix.reserve(static_cast<size_t>(cache.config().max_tokens_per_head));
+  std::vector<eviction_plan> plans(seqs.size(), eviction_plan(stored.layers, stored.kv_heads));
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    size_t slots = 0;  // kept slots are at most the sequence's slots
+    for (int32_t l = 0; l < stored.layers; ++l)
+      for (int32_t h = 0; h < stored.kv_heads; ++h) slots += static_cast<size_t>(cache.head_length(seqs[b], l, h));
+    plans[b].reserve(slots);
+  }
   KVTRIM_CUDA_TRY(cudaMemcpyAsync(const_cast<int32_t*>(a.rows), rows.data(), rows.size() * sizeof(int32_t),
                                   cudaMemcpyHostToDevice, stream));
   if (const status s = compress_on_device(a, buffers.step, stream); s != status::success) return s;
 
   // The commit: one copy back, one synchronisation.
-  std::vector<int32_t> keep(static_cast<size_t>(heads) + 1);
   KVTRIM_CUDA_TRY(cudaMemcpyAsync(keep.data(), a.keep, static_cast<size_t>(heads) * sizeof(int32_t),
                                   cudaMemcpyDeviceToHost, stream));
   KVTRIM_CUDA_TRY(cudaMemcpyAsync(keep.data() + heads, a.error, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
   KVTRIM_CUDA_TRY(cudaStreamSynchronize(stream));
   if (keep[static_cast<size_t>(heads)] != 0) return static_cast<status>(keep[static_cast<size_t>(heads)]);
 
-  std::vector<int32_t> prefix;
-  for (int32_t b = 0; b < batch; ++b) {
-    eviction_plan plan(stored.layers, stored.kv_heads);
+  for (int32_t b = 0; b < batch; ++b)
     for (int32_t l = 0; l < stored.layers; ++l)
       for (int32_t h = 0; h < stored.kv_heads; ++h) {
         const int32_t n = cache.head_length(seqs[static_cast<size_t>(b)], l, h);
         const int32_t k = keep[(static_cast<size_t>(b) * stored.layers + l) * stored.kv_heads + h];
         prefix.resize(static_cast<size_t>(k));
         for (int32_t j = 0; j < k; ++j) prefix[static_cast<size_t>(j)] = j;
-        plan.set_head(l, h, n, prefix);  // the device already compacted: survivors are the prefix
+        // The device already compacted: survivors are the prefix.
+        plans[static_cast<size_t>(b)].set_head(l, h, n, prefix);
       }
-    if (const status s = cache.apply(seqs[static_cast<size_t>(b)], plan); s != status::success) return s;
-  }
+  for (int32_t b = 0; b < batch; ++b)
+    if (const status s = cache.apply(seqs[static_cast<size_t>(b)], plans[static_cast<size_t>(b)]); s != status::success)
+      return s;
   return status::success;
 }
 
