@@ -321,6 +321,19 @@ TEST_CASE("allocation failure: a compression session's prefill and scheduled com
   const std::vector<float> queries = observed().queries;
   const std::vector<int32_t> window_positions = iota_positions(30 - window, window);
   const cpu::observation obs{queries, window_positions};
+  SECTION("add_sequence (SnapKV)") {
+    const snapkv_policy policy = snapkv({.budget = token_budget::of_tokens(12), .window = window});
+    check_every_allocation_failing(
+        [&] {
+          auto f = std::make_unique<session_fixture<snapkv_policy>>(policy);
+          throw_if_error(f->cache.free_sequence(1));  // a free row for the session's new sequence
+          return f;
+        },
+        [](session_fixture<snapkv_policy>& f) { return f.session.add_sequence(1); },
+        [](const session_fixture<snapkv_policy>& f) {
+          return std::pair{state_of(f.cache), f.session.contains(1)};
+        });
+  }
   SECTION("finish_prefill (SnapKV)") {
     const snapkv_policy policy = snapkv({.budget = token_budget::of_tokens(12), .window = window});
     const int64_t allocations = check_every_allocation_failing(

@@ -64,6 +64,8 @@ class compression_session {
   [[nodiscard]] status add_sequence(int64_t seq, const P& policy) {
     if (const status s = policy.validate(model_); s != status::success) return s;
     if (contains(seq)) return status::invalid_argument;
+    // Room for one more before the store changes (push_back below then cannot throw).
+    if (sequences_.size() == sequences_.capacity()) sequences_.reserve(2 * sequences_.size() + 1);
     if constexpr (requires { store_->add_sequence(seq); }) {
       if (const status s = store_->add_sequence(seq); s != status::success) return s;
     } else {
