@@ -17,6 +17,7 @@
 #include <numeric>
 #include <random>
 #include <span>
+#include <tuple>
 #include <vector>
 
 #include "cache_invariants.hpp"
@@ -399,4 +400,55 @@ TEST_CASE("allocation failure: a dense cache's plans change nothing", "[cpu][all
         return c.apply(0, plan);
       },
       contents_of);
+}
+
+namespace {
+
+//! A device cache over host memory standing in for device buffers (the host mover), with
+//! sequences 0 and 1 of 30 and 21 tokens.
+struct device_fixture {
+  paged_fixtures::device_memory<float> memory{config};
+  device_paged_cache<float> cache;
+  device_fixture() {
+    throw_if_error(device_paged_cache<float>::create(config, device_storage<float>{memory.buffers(), host_mover{}}, cache));
+    std::mt19937 rng(7);
+    for (const auto& [seq, n] : {std::pair<int64_t, int32_t>{0, 30}, {1, 21}}) {
+      throw_if_error(cache.add_sequence(seq));
+      const size_t count = static_cast<size_t>(model.layers) * n * model.kv_heads * model.head_dim;
+      throw_if_error(cache.append(seq, iota_positions(0, n), gaussian(rng, count), gaussian(rng, count)));
+    }
+  }
+};
+
+//! The host tables, every head's contents and the device buffers (pool and table mirror).
+auto observe_device(const device_fixture& f) {
+  return std::tuple{f.cache.tables(), paged_fixtures::take_dump(f.cache, seqs), f.memory.keys, f.memory.values,
+                    f.memory.positions, f.memory.metrics, f.memory.tables, f.memory.lengths};
+}
+
+}  // namespace
+
+TEST_CASE("allocation failure: a device cache (host mover) changes nothing, mirror included", "[cpu][allocation]") {
+  const auto make = [] { return std::make_unique<device_fixture>(); };
+  SECTION("append a prefill chunk") {
+    std::mt19937 rng(3);
+    const auto k = gaussian(rng, static_cast<size_t>(model.layers) * 9 * model.kv_heads * model.head_dim);
+    check_every_allocation_failing(
+        make, [&](device_fixture& f) { return f.cache.append(1, iota_positions(21, 9), k, k); }, observe_device);
+  }
+  SECTION("apply a plan (KV-Compress's, planned on the host), through the mover") {
+    const kv_compress_policy policy =
+        kv_compress({.budget = token_budget::of_tokens(12), .block_size = 4, .protected_window = window});
+    cpu::compression_result planned;
+    {
+      const device_fixture f;
+      REQUIRE(cpu::plan(policy, f.cache, 0, model, {}, 0, model.layers, planned) == status::success);
+    }
+    const int64_t allocations = check_every_allocation_failing(
+        make, [&](device_fixture& f) { return f.cache.apply(0, planned.plan); }, observe_device);
+    CHECK(allocations > 0);
+  }
+  SECTION("free a sequence") {
+    check_every_allocation_failing(make, [](device_fixture& f) { return f.cache.free_sequence(0); }, observe_device);
+  }
 }
