@@ -385,21 +385,31 @@ TEST_CASE("allocation failure: a dense view's compression and plans change nothi
   }
 }
 
-TEST_CASE("allocation failure: a dense cache's plans change nothing", "[cpu][allocation]") {
-  check_every_allocation_failing(
-      uneven_dense_cache,
-      [](dense_cache& c) {
-        eviction_plan plan(model.layers, model.kv_heads);
-        for (int32_t l = 0; l < model.layers; ++l)
-          for (int32_t h = 0; h < model.kv_heads; ++h) {
-            const int32_t n = c.head_length(0, l, h);
-            std::vector<int32_t> kept;
-            for (int32_t j = 0; j < n; j += 2) kept.push_back(j);
-            plan.set_head(l, h, n, kept);
-          }
-        return c.apply(0, plan);
-      },
-      contents_of);
+TEST_CASE("allocation failure: a dense cache's compression and plans change nothing", "[cpu][allocation]") {
+  SECTION("compress (SnapKV)") {
+    const snapkv_policy policy = snapkv({.budget = token_budget::of_tokens(8), .window = window});
+    const observed obs;
+    const int64_t allocations = check_every_allocation_failing(
+        uneven_dense_cache, [&](dense_cache& c) { return cpu::compress(policy, c, 0, model, obs.get()); },
+        contents_of);
+    CHECK(allocations > 0);
+  }
+  SECTION("apply a plan that keeps every other slot") {
+    check_every_allocation_failing(
+        uneven_dense_cache,
+        [](dense_cache& c) {
+          eviction_plan plan(model.layers, model.kv_heads);
+          for (int32_t l = 0; l < model.layers; ++l)
+            for (int32_t h = 0; h < model.kv_heads; ++h) {
+              const int32_t n = c.head_length(0, l, h);
+              std::vector<int32_t> kept;
+              for (int32_t j = 0; j < n; j += 2) kept.push_back(j);
+              plan.set_head(l, h, n, kept);
+            }
+          return c.apply(0, plan);
+        },
+        contents_of);
+  }
 }
 
 namespace {
