@@ -113,6 +113,20 @@ struct observed {
   [[nodiscard]] cpu::observation get() const { return {queries, positions}; }
 };
 
+//! A plan for sequence 0 of `store` that keeps every other slot of each head.
+template <class Store>
+eviction_plan every_other_slot(const Store& store) {
+  eviction_plan plan(model.layers, model.kv_heads);
+  for (int32_t l = 0; l < model.layers; ++l)
+    for (int32_t h = 0; h < model.kv_heads; ++h) {
+      const int32_t n = store.head_length(0, l, h);
+      std::vector<int32_t> kept;
+      for (int32_t j = 0; j < n; j += 2) kept.push_back(j);
+      plan.set_head(l, h, n, kept);
+    }
+  return plan;
+}
+
 //! Everything observable of a cache: its tables and every head's contents.
 struct cache_state {
   block_tables tables;
@@ -177,16 +191,7 @@ TEST_CASE("allocation failure: paged cache appends, adds, frees and plans change
     check_every_allocation_failing([](paged_cache<float>& c) { return c.free_sequence(0); });
   }
   SECTION("apply a plan that keeps every other slot") {
-    check_every_allocation_failing([](paged_cache<float>& c) {
-      eviction_plan plan(model.layers, model.kv_heads);
-      for (int32_t l = 0; l < model.layers; ++l)
-        for (int32_t h = 0; h < model.kv_heads; ++h) {
-          std::vector<int32_t> kept;
-          for (int32_t j = 0; j < 30; j += 2) kept.push_back(j);
-          plan.set_head(l, h, 30, kept);
-        }
-      return c.apply(0, plan);
-    });
+    check_every_allocation_failing([](paged_cache<float>& c) { return c.apply(0, every_other_slot(c)); });
   }
 }
 
@@ -319,9 +324,8 @@ auto observe_session(const session_fixture<P>& f) {
 
 TEST_CASE("allocation failure: a compression session's prefill and scheduled compression change nothing",
           "[cpu][allocation]") {
-  const std::vector<float> queries = observed().queries;
-  const std::vector<int32_t> window_positions = iota_positions(30 - window, window);
-  const cpu::observation obs{queries, window_positions};
+  const observed window_queries;
+  const cpu::observation obs = window_queries.get();
   SECTION("add_sequence (SnapKV)") {
     const snapkv_policy policy = snapkv({.budget = token_budget::of_tokens(12), .window = window});
     check_every_allocation_failing(
@@ -370,18 +374,7 @@ TEST_CASE("allocation failure: a dense view's compression and plans change nothi
   SECTION("apply a plan that keeps every other slot") {
     check_every_allocation_failing(
         [] { return std::make_unique<view_fixture>(); },
-        [](view_fixture& f) {
-          eviction_plan plan(model.layers, model.kv_heads);
-          for (int32_t l = 0; l < model.layers; ++l)
-            for (int32_t h = 0; h < model.kv_heads; ++h) {
-              const int32_t n = f.view.head_length(0, l, h);
-              std::vector<int32_t> kept;
-              for (int32_t j = 0; j < n; j += 2) kept.push_back(j);
-              plan.set_head(l, h, n, kept);
-            }
-          return f.view.apply(0, plan);
-        },
-        observe);
+        [](view_fixture& f) { return f.view.apply(0, every_other_slot(f.view)); }, observe);
   }
 }
 
@@ -396,19 +389,7 @@ TEST_CASE("allocation failure: a dense cache's compression and plans change noth
   }
   SECTION("apply a plan that keeps every other slot") {
     check_every_allocation_failing(
-        uneven_dense_cache,
-        [](dense_cache& c) {
-          eviction_plan plan(model.layers, model.kv_heads);
-          for (int32_t l = 0; l < model.layers; ++l)
-            for (int32_t h = 0; h < model.kv_heads; ++h) {
-              const int32_t n = c.head_length(0, l, h);
-              std::vector<int32_t> kept;
-              for (int32_t j = 0; j < n; j += 2) kept.push_back(j);
-              plan.set_head(l, h, n, kept);
-            }
-          return c.apply(0, plan);
-        },
-        contents_of);
+        uneven_dense_cache, [](dense_cache& c) { return c.apply(0, every_other_slot(c)); }, contents_of);
   }
 }
 
