@@ -1,14 +1,17 @@
 // Paged decode attention at the Llama-3-8B shape: B in {1, 8, 32}, n in {4k, 32k, 128k},
 // compression 1x / 4x / 8x / 16x (every head keeps n / ratio tokens), launched eagerly
 // (bm_decode) and, at a few of those points, replayed from a CUDA graph (bm_decode_graph), as
-// the PyTorch peers are also timed.
+// the PyTorch peers are also timed. bm_decode_group varies G (query heads per KV head: 1 for MHA,
+// 8 for Llama-3-70B) at the decode target's shape: each G runs its own kernel instance, with its
+// own register use and so its own split sizing.
 #include "bench_support.cuh"
 
 namespace {
 using namespace kvtrim_bench;
 
 //! `graph`: time replays of the launch captured in a CUDA graph instead of eager launches.
-void run_decode(benchmark::State& state, bool graph) {
+//! `group`: query heads per KV head (Llama-3-8B's 4 unless given).
+void run_decode(benchmark::State& state, bool graph, int32_t group = q_heads / kv_heads) {
   if (!have_device()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -22,7 +25,8 @@ void run_decode(benchmark::State& state, bool graph) {
     state.SkipWithError("cache setup failed (device memory?)");
     return;
   }
-  device_memory q(static_cast<size_t>(batch) * q_heads * head_dim * sizeof(float));
+  const int32_t queries = group * kv_heads;
+  device_memory q(static_cast<size_t>(batch) * queries * head_dim * sizeof(float));
   device_memory out(q.bytes);
   fill_random(q.as<float>(), q.bytes / sizeof(float), 3);
   // The device-side entry point with the rows already on the device, as an engine's decode
@@ -35,7 +39,7 @@ void run_decode(benchmark::State& state, bool graph) {
   a.pool = kvtrim::cuda::make_view(c.cache.buffers(), c.config);
   a.rows = drows.as<int32_t>();
   a.batch = batch;
-  a.q_heads = q_heads;
+  a.q_heads = queries;
   a.max_length = kept;
   a.q = q.as<float>();
   a.out = out.as<float>();
@@ -68,6 +72,7 @@ void run_decode(benchmark::State& state, bool graph) {
 
 void bm_decode(benchmark::State& state) { run_decode(state, false); }
 void bm_decode_graph(benchmark::State& state) { run_decode(state, true); }
+void bm_decode_group(benchmark::State& state) { run_decode(state, false, static_cast<int32_t>(state.range(3))); }
 
 void decode_args(benchmark::internal::Benchmark* b) {
   for (const int64_t batch : {1, 8, 32})
@@ -87,4 +92,9 @@ BENCHMARK(bm_decode_graph)
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond)
     ->ArgNames({"B", "n", "x"});
+BENCHMARK(bm_decode_group)
+    ->ArgsProduct({{8}, {32768}, {1, 8}, {1, 8}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond)
+    ->ArgNames({"B", "n", "x", "G"});
 BENCHMARK_MAIN();
