@@ -1,7 +1,8 @@
 // The CUDA backend against the CPU backend (house style rule 10): decode attention (outputs
 // within a stated tolerance, accumulated metrics too) and whole compression steps (kept token
 // sets identical), over generated shapes: head dim 8 / 64 / 128, block size 1 / 16,
-// G = 1 / 2 / 8, fp32 and bf16 storage, several seeds.
+// G = 1 / 2 / 8 (decode also 4: each compile-time G has its own kernel), fp32 and bf16 storage,
+// several seeds.
 #include "parity_support.cuh"
 
 #include <cmath>
@@ -42,7 +43,7 @@ void evict_randomly(twin_caches<T>& c, int64_t seq, std::mt19937& rng) {
 TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", float, kv::bfloat16) {
   const int32_t d = GENERATE(8, 64, 128);
   const int32_t bs = GENERATE(1, 16);
-  const int32_t group = GENERATE(1, 2, 8);
+  const int32_t group = GENERATE(1, 2, 4, 8);
   if (!keep_shape(d, bs, group)) return;
   const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({1u, 2u})));
   const auto acc = GENERATE(kv::decode_accumulation::none, kv::decode_accumulation::sum, kv::decode_accumulation::squared_sum);
