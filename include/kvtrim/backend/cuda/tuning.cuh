@@ -14,9 +14,10 @@ namespace cuda {
 //! Paged decode attention (kernels/paged_attention.cuh).
 struct attention_tuning {
   int32_t threads = 128;             //!< threads per CTA (4 warps)
-  int32_t ctas_per_sm = 4;           //!< split CTAs resident per SM (128 registers a thread on sm_90)
+  int32_t ctas_per_sm = 4;           //!< split CTAs resident per SM at most (128 registers a thread)
   int64_t max_ctas = 1024;           //!< flash-decoding split: at most this many CTAs fill the device
-                                     //!< (the workspace is sized for it),
+                                     //!< (the workspace is sized for it; fewer where the split
+                                     //!< kernel's occupancy holds fewer at once: G = 8),
   int32_t min_split_tokens = 64;     //!< each reading at least this many keys of one head
   int32_t max_split_tokens = 4096;   //!< and at most this many
   int32_t max_group = 8;            //!< largest G = Hq / Hkv held in registers

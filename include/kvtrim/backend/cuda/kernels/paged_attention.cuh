@@ -18,6 +18,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kvtrim/backend/cuda/dispatch.cuh"
 #include "kvtrim/backend/cuda/error.cuh"
@@ -102,16 +104,21 @@ template <kv_element T>
   return l;
 }
 
-//! Split CTAs the current device holds at once, at most attention_tuning::max_ctas (also when
-//! the query fails: the launch reports that error).
-[[nodiscard]] inline int64_t resident_decode_ctas() noexcept {
-  constexpr attention_tuning t = default_tuning.attention;
-  int device = 0, sms = 0;
+//! CTAs of `kernel` the current device holds at once (its occupancy: the register use differs
+//! with G and head dim), at most attention_tuning::max_ctas; max_ctas also when a query fails
+//! (the launch then reports the error).
+template <class Kernel>
+[[nodiscard]] int64_t resident_ctas(Kernel kernel, int32_t threads, size_t smem) noexcept {
+  constexpr int64_t most = default_tuning.attention.max_ctas;
+  int device = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1)
-    return t.max_ctas;
-  const int64_t slots = static_cast<int64_t>(sms) * t.ctas_per_sm;
-  return slots < t.max_ctas ? slots : t.max_ctas;
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1 ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess || per_sm < 1)
+    return most;
+  // More than ctas_per_sm (G = 1 fits more) gave shorter splits whose merge cost more than the
+  // extra CTAs gained (H100, G = 1, B = 8, 4096 keys a head: 58.1 µs at 4 per SM, 61.0 at 7).
+  const int64_t slots = static_cast<int64_t>(sms) * (per_sm < default_tuning.attention.ctas_per_sm ? per_sm : default_tuning.attention.ctas_per_sm);
+  return slots < most ? slots : most;
 }
 
 }  // namespace detail
@@ -160,8 +167,47 @@ inline constexpr int32_t elements_per_lane =
 template <int32_t HeadDim>
 inline constexpr int32_t keys_in_flight = HeadDim == dynamic_head_dim ? 2 : 4;
 
+//! Sums each of the N partial dot products over the Lanes lanes of a key, leaving every sum in
+//! every lane. The transposed butterfly: at each level a lane keeps half of its values and adds
+//! its partner's half, until one value is left (N - 1 shuffles instead of N per level), then
+//! plain levels, then each sum is read from the lane that holds it (g * Lanes / N). Same lane
+//! pairs, same level order as reducing each value alone: the same sums, bit for bit.
+template <int32_t N, int32_t Lanes>
+__device__ __forceinline__ void reduce_group_dots(float (&dot)[N], int32_t lane) {
+  static_assert(N >= 1 && (N & (N - 1)) == 0 && N <= Lanes);
+  float held[N];
+#pragma unroll
+  for (int32_t i = 0; i < N; ++i) held[i] = dot[i];
+  int32_t offset = Lanes / 2;
+#pragma unroll
+  for (int32_t n = N; n > 1; n /= 2, offset /= 2) {
+    const bool upper = (lane & offset) != 0;  // keeps values [n/2, n)
+#pragma unroll
+    for (int32_t i = 0; i < n / 2; ++i) {
+      const float send = upper ? held[i] : held[i + n / 2];
+      const float keep = upper ? held[i + n / 2] : held[i];
+      held[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+    }
+  }
+#pragma unroll
+  for (; offset > 0; offset /= 2) held[0] += __shfl_xor_sync(0xffffffffu, held[0], offset);
+  if constexpr (N == 1) {
+    dot[0] = held[0];  // every lane already holds the sum
+  } else {
+#pragma unroll
+    for (int32_t g = 0; g < N; ++g) dot[g] = __shfl_sync(0xffffffffu, held[0], g * (Lanes / N), Lanes);
+  }
+}
+
+//! Split CTAs per SM the kernel is compiled for (its register budget): G <= 4 fits 128
+//! registers a thread, larger groups hold G accumulators and queries in about 240.
+[[nodiscard]] constexpr int32_t split_ctas_per_sm(int32_t group) noexcept {
+  return group <= 4 ? default_tuning.attention.ctas_per_sm : 2;
+}
+
 //! What one lane holds of one stored row: fast paths one aligned vector, the generic kernel
-//! the elements sub, sub + 32, ... (unloaded elements stay unread and count as zero).
+//! the elements sub, sub + 32, ...; zeros where nothing was loaded (a key past the end, a column
+//! past d), so every use of a row is unconditional.
 template <kv_element T, int32_t HeadDim>
 struct row_piece {
   alignas(16) T raw[elements_per_lane<T, HeadDim>];
@@ -170,24 +216,38 @@ struct row_piece {
     if constexpr (HeadDim != dynamic_head_dim) {
       static_assert(lanes_per_key<T, HeadDim> >= 1 && lanes_per_key<T, HeadDim> <= 32 &&
                     (lanes_per_key<T, HeadDim> & (lanes_per_key<T, HeadDim> - 1)) == 0);
-      if (valid) *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(row + sub * vector_elements<T>);
+      uint4 bits = make_uint4(0u, 0u, 0u, 0u);
+      if (valid) bits = *reinterpret_cast<const uint4*>(row + sub * vector_elements<T>);
+      *reinterpret_cast<uint4*>(raw) = bits;
     } else {
 #pragma unroll
       for (int32_t e = 0; e < elements_per_lane<T, HeadDim>; ++e) {
         const int32_t c = sub + 32 * e;
-        if (valid && c < d) raw[e] = row[c];
+        raw[e] = valid && c < d ? row[c] : T{};
       }
     }
   }
-  //! Element e as fp32; zero where nothing was loaded.
-  __device__ __forceinline__ float at(int32_t e, int32_t sub, int32_t d, bool valid) const {
-    if constexpr (HeadDim != dynamic_head_dim) {
-      return valid ? load(raw[e]) : 0.f;
+  //! Element e as fp32. bf16 from the 32-bit word that holds it: one shift (low half) or one
+  //! mask (high half) instead of an extract and a shift.
+  [[nodiscard]] __device__ __forceinline__ float at(int32_t e) const {
+    if constexpr (std::is_same_v<T, bfloat16>) {
+      uint32_t word;
+      memcpy(&word, &raw[e & ~1], sizeof word);
+      return __uint_as_float((e & 1) == 0 ? word << 16 : word & 0xffff0000u);
     } else {
-      return (valid && sub + 32 * e < d) ? load(raw[e]) : 0.f;
+      return load(raw[e]);
     }
   }
 };
+
+//! 2^x with subnormal results flushed to zero: exp2f spends extra instructions on every weight
+//! to keep them, and a weight below 2^-126 adds nothing to a softmax denominator whose largest
+//! term is 1.
+[[nodiscard]] __device__ __forceinline__ float exp2_flush(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 //! Column of element e of sub-lane `sub`.
 template <kv_element T, int32_t HeadDim>
@@ -204,7 +264,7 @@ __device__ __forceinline__ int32_t element_of(int32_t sub, int32_t e) {
 //! loads of keys_in_flight keys before using the first; an online softmax in fp32 per query
 //! head. `Group` is G when it is a compile-time constant, 0 for a run-time G <= MaxGroup.
 template <kv_element T, int32_t HeadDim, int32_t Group, int32_t Threads, int32_t MaxGroup>
-__global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_constant__ decode_params<T> p) {
+__global__ void __launch_bounds__(Threads, split_ctas_per_sm(Group == 0 ? MaxGroup : Group)) decode_split_kernel(const __grid_constant__ decode_params<T> p) {
   constexpr int32_t lpk = lanes_per_key<T, HeadDim>;
   constexpr int32_t epl = elements_per_lane<T, HeadDim>;
   constexpr int32_t unroll = keys_in_flight<HeadDim>;
@@ -243,61 +303,101 @@ __global__ void __launch_bounds__(Threads) decode_split_kernel(const __grid_cons
     }
   }
 
+  // The physical slots of a round's keys (0 past the end). Each round reads the next round's
+  // block-table entries right after issuing its own K/V loads, so the table's latency overlaps
+  // them instead of preceding every round's loads.
+  constexpr int32_t round_keys = subgroups * unroll;
+  int64_t slot[unroll];
+  const auto slots_of_round = [&](int32_t base) {
+#pragma unroll
+    for (int32_t u = 0; u < unroll; ++u) {
+      const int32_t j = base + u * subgroups + subgroup;
+      slot[u] = j < end ? a.pool.physical(head, j) : 0;
+    }
+  };
+  slots_of_round(begin);
   // Every lane of a warp runs the same number of iterations (the shuffles need them all).
-  for (int32_t base = begin; base < end; base += subgroups * unroll) {
+  for (int32_t base = begin; base < end; base += round_keys) {
     row_piece<T, HeadDim> k[unroll], v[unroll];
     bool valid[unroll];
 #pragma unroll
     for (int32_t u = 0; u < unroll; ++u) {
-      const int32_t j = base + u * subgroups + subgroup;
-      valid[u] = j < end;
-      const int64_t slot = valid[u] ? a.pool.physical(head, j) : 0;
-      k[u].load_from(a.pool.keys + slot * d, sub, d, valid[u]);
-      v[u].load_from(a.pool.values + slot * d, sub, d, valid[u]);
+      valid[u] = base + u * subgroups + subgroup < end;
+      k[u].load_from(a.pool.keys + slot[u] * d, sub, d, valid[u]);
+      v[u].load_from(a.pool.values + slot[u] * d, sub, d, valid[u]);
     }
+    slots_of_round(base + round_keys);
     float logit[unroll][group_regs];
 #pragma unroll
     for (int32_t u = 0; u < unroll; ++u) {
       float kf[epl];
 #pragma unroll
-      for (int32_t e = 0; e < epl; ++e) kf[e] = k[u].at(e, sub, d, valid[u]);
+      for (int32_t e = 0; e < epl; ++e) kf[e] = k[u].at(e);
 #pragma unroll
       for (int32_t g = 0; g < group_regs; ++g) {
         float dot = 0.f;
         if (Group != 0 || g < G) {
 #pragma unroll
           for (int32_t e = 0; e < epl; ++e) dot += q[g][e] * kf[e];
-#pragma unroll
-          for (int32_t offset = lpk / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
         }
         logit[u][g] = dot;
       }
+      if constexpr (Group != 0 && (Group & (Group - 1)) == 0 && Group <= lpk) {
+        reduce_group_dots<Group, lpk>(logit[u], lane);
+      } else {
+#pragma unroll
+        for (int32_t g = 0; g < group_regs; ++g) {
+          if (Group == 0 && g >= G) break;
+#pragma unroll
+          for (int32_t offset = lpk / 2; offset > 0; offset /= 2)
+            logit[u][g] += __shfl_xor_sync(0xffffffffu, logit[u][g], offset);
+        }
+      }
     }
+    if (p.logits && sub == 0) {  // accumulation: every key's logit, one branch a round
+      const int64_t row = head_slot(b, h, a.pool.heads) * G;
+#pragma unroll
+      for (int32_t u = 0; u < unroll; ++u) {
+        if (!valid[u]) continue;
+#pragma unroll
+        for (int32_t g = 0; g < group_regs; ++g)
+          if (g < G) p.logits[(row + g) * a.max_length + base + u * subgroups + subgroup] = logit[u][g];
+      }
+    }
+    // Per query head: the round's max, the rescale, then each key's weight in place of its
+    // logit. A key past the end weighs 0 (and its row is zeros): no branch per key and head.
 #pragma unroll
     for (int32_t g = 0; g < group_regs; ++g) {
       if (g >= G) break;
       float m_new = m[g];
 #pragma unroll
-      for (int32_t u = 0; u < unroll; ++u)
-        if (valid[u]) m_new = fmaxf(m_new, logit[u][g]);
-      if (m_new == -INFINITY) continue;  // no valid key in this round
+      for (int32_t u = 0; u < unroll; ++u) m_new = fmaxf(m_new, valid[u] ? logit[u][g] : -INFINITY);
       if (m_new != m[g]) {  // else the scale is exactly 1: most rounds, once the max settles
-        const float scale = exp2f(m[g] - m_new);
+        const float scale = exp2_flush(m[g] - m_new);
         s[g] *= scale;
 #pragma unroll
         for (int32_t e = 0; e < epl; ++e) acc[g][e] *= scale;
       }
 #pragma unroll
       for (int32_t u = 0; u < unroll; ++u) {
-        if (!valid[u]) continue;
-        const float w = exp2f(logit[u][g] - m_new);
-        s[g] += w;
-#pragma unroll
-        for (int32_t e = 0; e < epl; ++e) acc[g][e] += w * v[u].at(e, sub, d, true);
-        if (p.logits && sub == 0)
-          p.logits[(head_slot(b, h, a.pool.heads) * G + g) * a.max_length + base + u * subgroups + subgroup] = logit[u][g];
+        logit[u][g] = valid[u] ? exp2_flush(logit[u][g] - m_new) : 0.f;
+        s[g] += logit[u][g];
       }
       m[g] = m_new;
+    }
+    // Each V row converted once for all G heads (per head, the register budget would have it
+    // converted again for every head); every accumulator adds the keys in the same order.
+#pragma unroll
+    for (int32_t u = 0; u < unroll; ++u) {
+      float vf[epl];
+#pragma unroll
+      for (int32_t e = 0; e < epl; ++e) vf[e] = v[u].at(e);
+#pragma unroll
+      for (int32_t g = 0; g < group_regs; ++g) {
+        if (g >= G) break;
+#pragma unroll
+        for (int32_t e = 0; e < epl; ++e) acc[g][e] += logit[u][g] * vf[e];
+      }
     }
   }
 
@@ -413,14 +513,24 @@ __global__ void decode_metric_kernel(const __grid_constant__ decode_params<T> p)
 }
 
 template <kv_element T, int32_t HeadDim, int32_t Group>
-[[nodiscard]] status launch_decode(const decode_params<T>& p, cudaStream_t stream) {
+[[nodiscard]] status launch_decode(const decode_arguments<T>& a, void* workspace, cudaStream_t stream) {
   constexpr int32_t threads = default_tuning.attention.threads;
   constexpr int32_t max_group = default_tuning.attention.max_group;
   constexpr int32_t subgroups = (threads / 32) * (32 / lanes_per_key<T, HeadDim>);
-  const auto& a = p.args;
-  const size_t smem = static_cast<size_t>(subgroups) * p.group * (a.pool.head_dim + 2) * sizeof(float);
+  const int32_t group = a.q_heads / a.pool.heads;
+  const size_t smem = static_cast<size_t>(subgroups) * group * (a.pool.head_dim + 2) * sizeof(float);
   auto kernel = decode_split_kernel<T, HeadDim, Group, threads, max_group>;
   if (smem > 48 * 1024) KVTRIM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const decode_layout l = decode_layout_of(a, resident_ctas(kernel, threads, smem));
+  workspace_carver w(workspace);
+  decode_params<T> p{a, l.group, l.splits, l.split_tokens, base2_logit_scale(a.pool.head_dim),
+                     nullptr, nullptr, nullptr, nullptr};
+  p.partial_acc = w.take<float>(l.partial_acc);
+  p.partial_stats = w.take<float>(l.partial_stats);
+  if (a.accumulate != decode_accumulation::none) {
+    p.logits = w.take<float>(l.logits);
+    p.stats = w.take<float>(l.stats);
+  }
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(a.pool.heads), static_cast<unsigned>(a.batch));
   kernel<<<grid, threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
@@ -442,12 +552,12 @@ template <kv_element T, int32_t HeadDim, int32_t Group>
 //! Compile-time G for the common groups (MHA, Llama-3-8B's 4, Llama-3-70B's 8), run-time
 //! otherwise.
 template <kv_element T, int32_t HeadDim>
-[[nodiscard]] status launch_decode_group(const decode_params<T>& p, cudaStream_t stream) {
-  switch (p.group) {
-    case 1: return launch_decode<T, HeadDim, 1>(p, stream);
-    case 4: return launch_decode<T, HeadDim, 4>(p, stream);
-    case 8: return launch_decode<T, HeadDim, 8>(p, stream);
-    default: return launch_decode<T, HeadDim, 0>(p, stream);
+[[nodiscard]] status launch_decode_group(const decode_arguments<T>& a, void* workspace, cudaStream_t stream) {
+  switch (a.q_heads / a.pool.heads) {
+    case 1: return launch_decode<T, HeadDim, 1>(a, workspace, stream);
+    case 4: return launch_decode<T, HeadDim, 4>(a, workspace, stream);
+    case 8: return launch_decode<T, HeadDim, 8>(a, workspace, stream);
+    default: return launch_decode<T, HeadDim, 0>(a, workspace, stream);
   }
 }
 
@@ -466,20 +576,11 @@ template <kv_element T>
   if (const status s = can_implement(a); s != status::success) return s;
   if (a.batch == 0) return status::success;
   if (!workspace) return status::invalid_argument;
-  const detail::decode_layout l = detail::decode_layout_of(a, detail::resident_decode_ctas());
-  detail::workspace_carver w(workspace);
-  detail::decode_params<T> p{a, l.group, l.splits, l.split_tokens, detail::base2_logit_scale(a.pool.head_dim),
-                             nullptr, nullptr, nullptr, nullptr};
-  p.partial_acc = w.take<float>(l.partial_acc);
-  p.partial_stats = w.take<float>(l.partial_stats);
-  if (a.accumulate != decode_accumulation::none) {
-    p.logits = w.take<float>(l.logits);
-    p.stats = w.take<float>(l.stats);
-  }
   if (!detail::vector_aligned(a.pool))
-    return detail::launch_decode_group<T, dynamic_head_dim>(p, stream);
-  return dispatch_head_dim(a.pool.head_dim,
-                           [&](auto dim) { return detail::launch_decode_group<T, decltype(dim)::value>(p, stream); });
+    return detail::launch_decode_group<T, dynamic_head_dim>(a, workspace, stream);
+  return dispatch_head_dim(a.pool.head_dim, [&](auto dim) {
+    return detail::launch_decode_group<T, decltype(dim)::value>(a, workspace, stream);
+  });
 }
 
 }  // namespace cuda
