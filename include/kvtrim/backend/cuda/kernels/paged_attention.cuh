@@ -3,7 +3,7 @@
 //! Paged decode attention over per-(sequence, layer, KV head) block tables with per-head
 //! lengths (KV-Compress's layout, §6; the CPU semantics are backend/cpu/paged_attention.hpp).
 //! GQA: one pass over each KV head serves its G query heads; K/V are never repeated.
-//! Flash-decoding split: each CTA reads `tokens_per_split` keys of one head for all G queries
+//! Flash-decoding split: each CTA reads `split_tokens` keys of one head for all G queries
 //! and keeps an online softmax in fp32; a second kernel merges the splits. Logits are kept in
 //! base 2 (the query is scaled once by log2(e) / sqrt(d)), so each probability is one exp2
 //! rather than a division and an exp per key and query head. With accumulation
