@@ -135,13 +135,18 @@ TEST_CASE("tensor-core window scores equal the fp32 path's to rounding", "[cuda]
 }
 
 TEST_CASE("automatic window math picks tensor cores for bf16 keys where they apply, exact elsewhere", "[cuda]") {
-  int device = 0, major = 0;
+  int device = 0, major = 0, optin = 0;
   REQUIRE(cudaGetDevice(&device) == cudaSuccess);
   REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess);
-  const auto tc = major >= 8 ? cu::window_math::tensor_cores : cu::window_math::exact;
+  REQUIRE(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess);
+  // sm_80 or newer, and the shared memory of a tensor-core shape at that head dim.
+  const auto tc = [&](int32_t d) {
+    return major >= 8 && cu::detail::mma_shape_for(d, optin).keys > 0 ? cu::window_math::tensor_cores
+                                                                       : cu::window_math::exact;
+  };
   const auto automatic = cu::window_math::automatic;
-  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 8) == tc);
-  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 128) == tc);
+  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 8) == tc(8));
+  CHECK(cu::resolved_math<kv::bfloat16>(automatic, 128) == tc(128));
   CHECK(cu::resolved_math<kv::bfloat16>(automatic, 12) == cu::window_math::exact);   // not a multiple of 8
   CHECK(cu::resolved_math<kv::bfloat16>(automatic, 256) == cu::window_math::exact);  // above 128
   CHECK(cu::resolved_math<float>(automatic, 128) == cu::window_math::exact);

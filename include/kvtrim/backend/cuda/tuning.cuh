@@ -23,10 +23,12 @@ struct attention_tuning {
   int32_t max_group = 8;            //!< largest G = Hq / Hkv held in registers
 };
 
-//! Window scores (kernels/window_scores.cuh; the CTA shape is fixed there).
+//! Window scores (kernels/window_scores.cuh; the CTA shapes are chosen there). Measured with
+//! the exact path and the earlier tensor-core kernels (three CTAs per SM); the current ones
+//! hold one CTA per SM at head dim 128 and have not been tuned on a GPU yet.
 struct window_tuning {
-  int64_t target_ctas = 2048;    //!< split each head's keys for about this many CTAs (waves of
-                                 //!< two or three per SM: the tail wave stays small),
+  int64_t target_ctas = 2048;    //!< split each head's keys for about this many CTAs (many
+                                 //!< waves: the tail wave stays small),
   int32_t min_split_keys = 256;  //!< each scoring at least this many keys (staging its pair
                                  //!< block costs about as much as scoring one 64-key tile)
   int32_t max_split_keys = 4096; //!< and at most this many
@@ -51,8 +53,8 @@ struct tuning_policy {
 };
 
 //! The policy for a device of compute capability `major * 10 + minor`. One policy today,
-//! measured on sm_90; the window-score CTA needs about 100 KiB of shared memory at head dim
-//! 128 (sm_80 and newer).
+//! measured on sm_90; the exact window-score CTA needs about 100 KiB of shared memory at head
+//! dim 128 (sm_80 and newer).
 [[nodiscard]] constexpr tuning_policy select_tuning(int32_t /*compute_capability*/) noexcept { return {}; }
 
 //! What the kernels are compiled against (the launch shapes are template-free: one binary).

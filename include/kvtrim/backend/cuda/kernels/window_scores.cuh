@@ -7,23 +7,24 @@
 //! mask by position, plain or squared probabilities summed (or averaged) over the window
 //! queries, the GQA reduction, and max / avg pooling along positions.
 //!
-//! One CTA scores a split of one head's keys for a block of (query head, row) pairs (128 on
-//! the exact path, 64 with tensor cores), staged once in shared memory, one tile of 64 keys at
-//! a time; each thread owns a 4-pair x 8-key tile of logits. Two passes over K: pass 1 keeps
-//! every pair's running softmax max and denominator in registers (merged over the CTA's lanes,
-//! then over splits), pass 2 the probabilities, summed per (query head, key) over the rows in
-//! ascending order (the CPU's order). No w x n matrix is stored. Logits are in base 2, q . k
-//! times log2(e) / sqrt(d), so each probability is one exp2 (no division, no exp).
+//! One CTA scores a split of one head's keys for a block of (query head, row) pairs, staged
+//! once in shared memory, one key tile at a time. Two passes over K: pass 1 keeps every pair's
+//! running softmax max and denominator (merged over the CTA's lanes, then over splits), pass 2
+//! the probabilities, summed per (query head, key) over the rows. No w x n matrix is stored.
+//! Logits are in base 2, q . k times log2(e) / sqrt(d), so each probability is one exp2 (no
+//! division, no exp).
 //!
-//! How the logits are computed is a compile-time policy of the two kernels (`window_math`):
-//! - `exact`: fp32 CUDA cores, dot products in the CPU's order over d, so scores stay within
-//!   rounding of the CPU oracle's (the parity tests compare kept sets).
+//! `window_math` chooses the kernels:
+//! - `exact`: fp32 CUDA cores, dot products in the CPU's order over d and row sums in the
+//!   CPU's order over the rows, so scores stay within rounding of the CPU oracle's (the parity
+//!   tests compare kept sets). 128 pairs a block, 64-key tiles, each thread 4 pairs x 8 keys.
 //! - `tensor_cores` (bf16 K): every fp32 query is split into three bf16 terms whose sum is
 //!   the query (8 + 8 + 8 significand bits), and each 16 x 8 tile of logits is three bf16
 //!   MMAs with fp32 accumulation. bf16 x bf16 products are exact in fp32, so only the order of
 //!   the fp32 sums differs from `exact`; a single bf16 MMA would round the queries instead.
 //!   Queries that are bf16 values already (a bf16 model's) have zero low terms: a pair block
-//!   whose queries all are takes one MMA per tile, with the same result.
+//!   whose queries all are takes one MMA per tile, with the same result. The work is divided
+//!   as in FlashAttention-2 (window_stats_mma_kernel's comment).
 //! - `automatic` (default): `tensor_cores` wherever it applies, `exact` elsewhere.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -87,23 +88,91 @@ template <kv_element T>
 }
 
 namespace detail {
-//! tensor_cores needs the bf16 mma.sync and ldmatrix: sm_80 or newer (on the current device).
-[[nodiscard]] inline status check_tensor_cores() {
+//! Shared memory of the tensor-core passes (window_stats_mma_kernel, window_probs_mma_kernel).
+struct mma_window {
+  static constexpr int32_t max_terms = 3;
+  static constexpr int32_t max_pairs = 128;
+  static constexpr int32_t max_threads = 256;
+
+  [[nodiscard]] __host__ __device__ static constexpr int32_t padded(int32_t d) noexcept { return (d + 15) / 16 * 16; }
+  //! bf16 row pitch: 16 bytes past a multiple of 32 shifts each row by four banks (ldmatrix
+  //! reads eight rows at once without conflicts) and keeps every row 16-byte aligned.
+  [[nodiscard]] __host__ __device__ static constexpr int32_t pitch(int32_t d) noexcept { return padded(d) + 8; }
+  [[nodiscard]] __host__ __device__ static constexpr int64_t term_bytes(int32_t d, int32_t pairs) noexcept {
+    return static_cast<int64_t>(pairs) * pitch(d) * 2;
+  }
+  [[nodiscard]] __host__ __device__ static constexpr int64_t tile_bytes(int32_t d, int32_t keys) noexcept {
+    return static_cast<int64_t>(keys) * pitch(d) * 2;
+  }
+  //! [terms][pairs][pitch] bf16 | [stages][keys][pitch] bf16 | stats float2 [pairs] |
+  //! query positions [pairs] | key positions [stages][keys]. Every region starts 16-byte aligned.
+  [[nodiscard]] __host__ __device__ static constexpr int64_t tiles_at(int32_t d, int32_t pairs) noexcept {
+    return max_terms * term_bytes(d, pairs);
+  }
+  [[nodiscard]] __host__ __device__ static constexpr int64_t stats_at(int32_t d, int32_t pairs, int32_t keys,
+                                                                       int32_t stages) noexcept {
+    return tiles_at(d, pairs) + stages * tile_bytes(d, keys);
+  }
+  [[nodiscard]] __host__ __device__ static constexpr int64_t smem_bytes(int32_t d, int32_t pairs, int32_t keys,
+                                                                         int32_t stages) noexcept {
+    return stats_at(d, pairs, keys, stages) + pairs * (8 + 4) + static_cast<int64_t>(stages) * keys * 4;
+  }
+};
+
+//! The shape of the tensor-core passes on a device: key-tile width, pairs per block and ring
+//! depth. 0 keys where nothing fits.
+struct mma_shape {
+  int32_t keys = 0;
+  int32_t pairs = 0;
+  int32_t stages = 0;
+  [[nodiscard]] int64_t smem_bytes(int32_t d) const noexcept { return mma_window::smem_bytes(d, pairs, keys, stages); }
+};
+
+//! The shapes, widest first. At head dim 128: 207 KiB for the first (sm_90 offers 227), 155
+//! KiB for 64 x 128 x 3 (sm_80: 163), 86 KiB for the last (sm_86 and sm_89: 99).
+inline constexpr mma_shape mma_shapes[] = {{128, 128, 3}, {128, 128, 2}, {64, 128, 3}, {64, 128, 2}, {64, 64, 2}};
+
+//! The first of mma_shapes that fits `smem_optin` bytes of shared memory per block at head
+//! dim d.
+[[nodiscard]] constexpr mma_shape mma_shape_for(int32_t d, int64_t smem_optin) noexcept {
+  for (const mma_shape& s : mma_shapes)
+    if (s.smem_bytes(d) <= smem_optin) return s;
+  return {};
+}
+
+//! Shared memory of the current device for one block, opted in.
+[[nodiscard]] inline status smem_optin(int64_t& bytes) {
+  int device = 0, optin = 0;
+  KVTRIM_CUDA_TRY(cudaGetDevice(&device));
+  KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  bytes = optin;
+  return status::success;
+}
+
+//! The tensor-core passes' shape on the current device: not_supported below sm_80 (bf16
+//! mma.sync, ldmatrix, cp.async) or where no shape's shared memory fits at head dim d.
+[[nodiscard]] inline status tensor_core_shape(int32_t head_dim, mma_shape& shape) {
   int device = 0, major = 0;
   KVTRIM_CUDA_TRY(cudaGetDevice(&device));
   KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8 ? status::success : status::not_supported;
+  if (major < 8) return status::not_supported;
+  int64_t optin = 0;
+  if (const status s = smem_optin(optin); s != status::success) return s;
+  shape = mma_shape_for(head_dim, optin);
+  return shape.keys > 0 ? status::success : status::not_supported;
 }
 }  // namespace detail
 
 //! The math window_scores runs for `math` on keys of type T at head dim d on the current
 //! device: `automatic` becomes `tensor_cores` where check_math accepts it and the device is
-//! sm_80 or newer, `exact` otherwise; any other value is returned as it is.
+//! sm_80 or newer with the shared memory of one of the tensor-core shapes (mma_shape_for),
+//! `exact` otherwise; any other value is returned as it is.
 template <kv_element T>
 [[nodiscard]] window_math resolved_math(window_math math, int32_t head_dim) {
   if (math != window_math::automatic) return math;
+  detail::mma_shape shape;
   return check_math<T>(window_math::tensor_cores, head_dim) == status::success &&
-                 detail::check_tensor_cores() == status::success
+                 detail::tensor_core_shape(head_dim, shape) == status::success
              ? window_math::tensor_cores
              : window_math::exact;
 }
@@ -131,8 +200,8 @@ template <kv_element T>
 
 namespace detail {
 
-//! The CTA's shape (the logit policy sets the pairs per block): pairs / 4 pair groups x 8 key
-//! groups of threads, each thread 4 pairs x 8 keys of a 64-key tile.
+//! The exact path's CTA: pairs / 4 pair groups x 8 key groups of threads, each thread 4 pairs
+//! x 8 keys of a 64-key tile.
 inline constexpr int32_t window_keys = 64;     // keys per tile
 inline constexpr int32_t key_pitch = window_keys + 4;
 inline constexpr int32_t prob_pitch = window_keys + 1;
@@ -140,12 +209,14 @@ inline constexpr int32_t prob_pitch = window_keys + 1;
 //! Pooling sorts every head's slots by position in one device-wide sort: key = head << 32 |
 //! position (a non-negative int32), slots past the head's length padded with position bits
 //! all ones, so each head's slots stay in its stride-long segment, in position order.
+//! Splits are whole tiles of either path (64 keys exact, 64 or 128 with tensor cores).
+inline constexpr int32_t split_granule = 128;
 [[nodiscard]] constexpr int32_t position_key_end_bit(int64_t heads) noexcept { return 32 + bits_for(heads); }
 
 struct window_layout {
   int32_t per_row = 1;      // query heads per stored head
   int32_t pairs = 1;        // per_row * w
-  int32_t split_keys = 1;   // keys per CTA, a multiple of window_keys
+  int32_t split_keys = 1;   // keys per CTA, a multiple of split_granule
   int32_t splits = 1;
   bool pool = false;
   bool after_pool = false;
@@ -168,7 +239,7 @@ template <kv_element T>
   // Enough CTAs to fill the device: split each head's keys.
   int64_t split = ceil_div(static_cast<int64_t>(a.stride) * (l.heads > 0 ? l.heads : 1), t.target_ctas);
   split = split < t.min_split_keys ? t.min_split_keys : (split > t.max_split_keys ? t.max_split_keys : split);
-  l.split_keys = static_cast<int32_t>(ceil_div(split, window_keys) * window_keys);
+  l.split_keys = static_cast<int32_t>(ceil_div(split, split_granule) * split_granule);
   l.splits = static_cast<int32_t>(ceil_div(a.stride, l.split_keys));
   l.pool = a.metric.pool != pooling::none && a.metric.kernel > 1;
   l.after_pool = !per_query && a.metric.order == reduce_order::after_pool;
@@ -267,25 +338,20 @@ __device__ void stage_key_positions(const paged_view<T>& pool, int64_t head, int
     skpos[k] = k < count ? pool.positions[pool.physical(head, base + k)] : INT32_MAX;
 }
 
-//! A CTA's shared-memory regions, carved by the logit policy.
+//! An exact-path CTA's shared-memory regions (exact_logits::view).
 struct window_smem_view {
   void* q;         // the pair block
   void* k;         // the key tile
-  float* logits;   // tensor cores: the pairs x 64 fp32 logit tile, over the key tile
   float* probs;    // pass 2: [pairs][prob_pitch], written once the logits are in registers
   int32_t* skpos;  // [window_keys]
   int32_t* sqpos;  // [pairs]
-  int32_t* terms;  // tensor cores: the bf16 terms of the pair block's queries (1 or 3)
 };
-
-[[nodiscard]] __host__ __device__ constexpr int64_t round_up_128(int64_t bytes) noexcept { return (bytes + 127) / 128 * 128; }
 
 //! window_math::exact: the pair block [d][pair_pitch] and the key tile [d][key_pitch] in fp32,
 //! transposed so each thread reads float4 rows; the probability tile reuses the key tile.
 struct exact_logits {
   static constexpr int32_t pairs = 128;
   static constexpr int32_t threads = window_threads_for(pairs);
-  static constexpr int32_t min_blocks = 1;
   static constexpr int32_t pair_pitch = pairs + 4;  // transposed rows, 16-byte aligned
   [[nodiscard]] __host__ __device__ static int64_t tile_floats(int32_t d) noexcept {
     const int64_t keys = static_cast<int64_t>(d) * key_pitch, probs = static_cast<int64_t>(pairs) * prob_pitch;
@@ -299,11 +365,9 @@ struct exact_logits {
     window_smem_view v;
     v.q = smem;
     v.k = smem + static_cast<int64_t>(d) * pair_pitch * sizeof(float);
-    v.logits = nullptr;
     v.probs = static_cast<float*>(v.k);
     v.skpos = reinterpret_cast<int32_t*>(static_cast<float*>(v.k) + tile_floats(d));
     v.sqpos = v.skpos + window_keys;
-    v.terms = nullptr;
     return v;
   }
   template <kv_element T>
@@ -317,9 +381,8 @@ struct exact_logits {
     }
     stage_pair_positions(p, wh, first, count, pairs, v.sqpos);
   }
-  //! A key tile, loaded and staged when stored: fetch() only notes which keys (see
-  //! tensor_core_logits::key_tile for the prefetching one). Lanes walk keys fastest, so the
-  //! transposed shared-memory stores do not conflict.
+  //! A key tile, loaded and staged when stored: fetch() only notes which keys. Lanes walk
+  //! keys fastest, so the transposed shared-memory stores do not conflict.
   template <kv_element T>
   struct key_tile {
     const paged_view<T>* pool = nullptr;
@@ -390,142 +453,154 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-//! window_math::tensor_cores (bf16 K): the pair block as three bf16 matrices [pair][pitch]
-//! (hi, mid, lo: hi + mid + lo == the fp32 query), the key tile [key][pitch] in bf16 as
-//! stored, both zero-padded to a multiple of 16 along d; warp w computes logit rows
-//! [16 w, 16 w + 16) x 64 keys with m16n8k16 MMAs (ldmatrix, mma.sync), small terms first,
-//! into an fp32 tile over the key tile, from which each thread reads its 4 x 8 (rows of its
-//! own warp). The probability tile reuses it too. 64 pairs (four warps) keep the shared memory to about 69
-//! KiB at head dim 128, so three CTAs share an SM and one CTA's MMAs overlap another's softmax.
-struct tensor_core_logits {
-  static constexpr int32_t pairs = 64;
-  static constexpr int32_t threads = window_threads_for(pairs);
-  static constexpr int32_t min_blocks = 3;
-  //! fp32 elements: a multiple of 4 (float4 reads), and 8 banks per row so the float2 stores of
-  //! a half-warp's four rows do not conflict.
-  static constexpr int32_t logit_pitch = window_keys + 8;
-  static_assert(threads / 32 * 16 == pairs, "one warp per 16 pair rows");
-  static_assert(prob_pitch <= logit_pitch, "the probability tile fits the logit tile");
-
-  [[nodiscard]] __host__ __device__ static constexpr int32_t padded(int32_t d) noexcept { return (d + 15) / 16 * 16; }
-  //! bf16 row pitch: 16 bytes past a multiple of 32 shifts each row by four banks (ldmatrix
-  //! reads eight rows at once without conflicts) and keeps every row 16-byte aligned.
-  [[nodiscard]] __host__ __device__ static constexpr int32_t pitch(int32_t d) noexcept { return padded(d) + 8; }
-  [[nodiscard]] __host__ __device__ static int64_t q_bytes(int32_t d) noexcept {
-    return round_up_128(3LL * pairs * pitch(d) * 2);
-  }
-  static constexpr int64_t logit_bytes = static_cast<int64_t>(pairs) * logit_pitch * sizeof(float);
-  //! The key tile, which the logit (and probability) tile overwrites once every warp's MMAs
-  //! are done with it.
-  [[nodiscard]] __host__ __device__ static int64_t tile_bytes(int32_t d) noexcept {
-    const int64_t keys = static_cast<int64_t>(window_keys) * pitch(d) * 2;
-    return round_up_128(keys > logit_bytes ? keys : logit_bytes);
-  }
-  [[nodiscard]] static size_t smem_bytes(int32_t d) noexcept {
-    return static_cast<size_t>(q_bytes(d) + tile_bytes(d) + (window_keys + pairs + 1) * sizeof(int32_t));
-  }
-  __device__ static window_smem_view view(char* smem, int32_t d) {
-    window_smem_view v;
-    v.q = smem;
-    v.k = smem + q_bytes(d);
-    v.logits = static_cast<float*>(v.k);
-    v.probs = v.logits;
-    v.skpos = reinterpret_cast<int32_t*>(smem + q_bytes(d) + tile_bytes(d));
-    v.sqpos = v.skpos + window_keys;
-    v.terms = v.sqpos + pairs;
-    return v;
-  }
-  //! Every thread of the CTA must call it (it synchronises the CTA once, to learn whether any
-  //! query of the block has low terms).
-  template <kv_element T>
-  __device__ static void stage_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
-                                     const window_smem_view& v) {
-    const int32_t d = p.args.pool.head_dim, dp = padded(d), ld = pitch(d);
-    bool low_terms = false;
-    __nv_bfloat16* hi = static_cast<__nv_bfloat16*>(v.q);
-    __nv_bfloat16* mid = hi + pairs * ld;
-    __nv_bfloat16* lo = mid + pairs * ld;
-    for (int32_t q = threadIdx.x / 32; q < pairs; q += threads / 32) {  // a warp per row, lanes along d
-      const float* row = q < count ? pair_query(p, wh, first + q) : nullptr;
-      for (int32_t c = threadIdx.x % 32; c < dp; c += 32) {
-        const float x = row && c < d ? row[c] : 0.f;
-        // Each residual is exact in fp32; three bf16 terms hold all 24 significand bits.
-        const __nv_bfloat16 h = __float2bfloat16_rn(x);
-        const float r = x - __bfloat162float(h);
-        const __nv_bfloat16 m = __float2bfloat16_rn(r);
-        const __nv_bfloat16 l = __float2bfloat16_rn(r - __bfloat162float(m));
-        hi[q * ld + c] = h;
-        mid[q * ld + c] = m;
-        lo[q * ld + c] = l;
-        low_terms = low_terms || __bfloat162float(m) != 0.f || __bfloat162float(l) != 0.f;
-      }
-    }
-    stage_pair_positions(p, wh, first, count, pairs, v.sqpos);
-    const int any = __syncthreads_or(low_terms ? 1 : 0);
-    if (threadIdx.x == 0) *v.terms = any ? 3 : 1;
-  }
-  //! A key tile prefetched into registers: fetch() issues the 16-byte loads of the stored
-  //! bf16 rows (d % 8 == 0, so every row is 16-byte aligned) and their positions, which land
-  //! while the CTA works on the previous tile; store() writes them to shared memory.
-  template <kv_element T>
-  struct key_tile {
-    static_assert(std::is_same_v<T, bfloat16>, "the tensor-core path reads bf16 keys");
-    static constexpr int32_t max_chunks = window_keys * (max_tensor_core_head_dim / 8) / threads;
-    uint4 chunk[max_chunks];
-    int32_t position = 0;  // of key threadIdx.x (threads below window_keys)
-    int32_t d = 0;
-
-    //! Calls f(r, k, ch) for this thread's chunks: chunk r is 16-byte chunk ch of key k of the
-    //! tile (k may pass the tile). Steps instead of dividing per chunk (d is a run-time value).
-    template <class F>
-    __device__ static void for_each_chunk(int32_t chunks, F&& f) {
-      int32_t k = static_cast<int32_t>(threadIdx.x) / chunks;
-      int32_t ch = static_cast<int32_t>(threadIdx.x) - k * chunks;
-      const int32_t k_step = threads / chunks, ch_step = threads - k_step * chunks;
-#pragma unroll
-      for (int32_t r = 0; r < max_chunks; ++r) {
-        f(r, k, ch);
-        k += k_step;
-        ch += ch_step;
-        if (ch >= chunks) ch -= chunks, ++k;
-      }
-    }
-
-    __device__ void fetch(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count) {
-      d = pool.head_dim;
-      for_each_chunk(padded(d) / 8, [&](int32_t r, int32_t k, int32_t ch) {
-        chunk[r] = uint4{0u, 0u, 0u, 0u};
-        if (k < count && ch * 8 < d)
-          chunk[r] = *reinterpret_cast<const uint4*>(pool.keys + pool.physical(head, base + k) * d + ch * 8);
-      });
-      if (threadIdx.x < window_keys)
-        position = static_cast<int32_t>(threadIdx.x) < count
-                       ? pool.positions[pool.physical(head, base + static_cast<int32_t>(threadIdx.x))]
-                                                             : INT32_MAX;
-    }
-    __device__ void store(const window_smem_view& v) const {
-      const int32_t ld = pitch(d);
-      auto* sk = static_cast<__nv_bfloat16*>(v.k);
-      for_each_chunk(padded(d) / 8, [&](int32_t r, int32_t k, int32_t ch) {
-        if (k < window_keys) *reinterpret_cast<uint4*>(sk + k * ld + ch * 8) = chunk[r];
-      });
-      if (threadIdx.x < window_keys) v.skpos[threadIdx.x] = position;
-    }
-  };
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  //! acc += the last `Terms` of (lo, mid, hi) times the key tile, small terms first, over d;
-  //! warp rows [row, row + 16). a_addr / b_addr: this lane's ldmatrix rows (see tile()).
-  template <int32_t Terms>
-  __device__ static void logit_mmas(uint32_t a_addr, uint32_t b_addr, uint32_t term_bytes, int32_t ld, int32_t dp,
-                                    float (&acc)[window_keys / 8][4]) {
-    for (int32_t c = 0; c < dp; c += 16) {
-      uint32_t a[Terms][4];
+//! 16 bytes global -> shared, asynchronously; `bytes` 0 zero-fills and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int32_t bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+//! Until at most `pending` (0 or 1: the ring holds 2 or 3 tiles) of this thread's newest
+//! groups are still in flight.
+__device__ __forceinline__ void cp_async_wait(int32_t pending) {
+  if (pending > 0) {
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  } else {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  }
+}
+
+//! A CTA's view of its shared memory (mma_window's layout).
+struct mma_smem {
+  char* base;
+  int32_t d, pairs, keys, stages;
+  [[nodiscard]] __device__ __nv_bfloat16* term(int32_t t) const {
+    return reinterpret_cast<__nv_bfloat16*>(base + t * mma_window::term_bytes(d, pairs));
+  }
+  [[nodiscard]] __device__ uint32_t tile_address(int32_t stage) const {
+    return shared_address(base + mma_window::tiles_at(d, pairs) + stage * mma_window::tile_bytes(d, keys));
+  }
+  [[nodiscard]] __device__ float2* stats() const {
+    return reinterpret_cast<float2*>(base + mma_window::stats_at(d, pairs, keys, stages));
+  }
+  [[nodiscard]] __device__ int32_t* qpos() const { return reinterpret_cast<int32_t*>(stats() + pairs); }
+  [[nodiscard]] __device__ int32_t* kpos(int32_t stage) const { return qpos() + pairs + stage * keys; }
+};
+
+//! Stages pairs [first, first + count) of the head into the three term matrices and their
+//! positions (zero rows and position -1 past the count). Every thread of the CTA calls it: it
+//! ends with a CTA barrier and returns the number of terms the block needs (1 where every low
+//! term is zero, as for a bf16 model's queries: zero terms would add exact zeros).
+template <kv_element T>
+__device__ int32_t stage_mma_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
+                                   const mma_smem& s) {
+  const int32_t d = s.d, dp = mma_window::padded(d), ld = mma_window::pitch(d);
+  const int32_t warps = static_cast<int32_t>(blockDim.x) / 32;
+  __nv_bfloat16* hi = s.term(0);
+  __nv_bfloat16* mid = s.term(1);
+  __nv_bfloat16* lo = s.term(2);
+  bool low_terms = false;
+  for (int32_t q = threadIdx.x / 32; q < s.pairs; q += warps) {  // a warp per row, lanes along d
+    const float* row = q < count ? pair_query(p, wh, first + q) : nullptr;
+    for (int32_t c = threadIdx.x % 32; c < dp; c += 32) {
+      const float x = row && c < d ? row[c] : 0.f;
+      // Each residual is exact in fp32; three bf16 terms hold all 24 significand bits.
+      const __nv_bfloat16 h = __float2bfloat16_rn(x);
+      const float r = x - __bfloat162float(h);
+      const __nv_bfloat16 m = __float2bfloat16_rn(r);
+      const __nv_bfloat16 l = __float2bfloat16_rn(r - __bfloat162float(m));
+      hi[q * ld + c] = h;
+      mid[q * ld + c] = m;
+      lo[q * ld + c] = l;
+      low_terms = low_terms || __bfloat162float(m) != 0.f || __bfloat162float(l) != 0.f;
+    }
+  }
+  stage_pair_positions(p, wh, first, count, s.pairs, s.qpos());
+  return __syncthreads_or(low_terms ? 1 : 0) ? 3 : 1;
+}
+
+//! Issues the copies of keys [base, base + count) of the head into ring stage `stage`: zero
+//! rows and position INT32_MAX past the count (the causal tests mask them). Steps through
+//! this thread's 16-byte chunks instead of dividing per chunk (d is a run-time value).
+template <kv_element T>
+__device__ void load_mma_tile(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count,
+                              const mma_smem& s, int32_t stage) {
+  const int32_t chunks = mma_window::padded(s.d) / 8, ld = mma_window::pitch(s.d);
+  const auto threads = static_cast<int32_t>(blockDim.x);
+  const uint32_t tile = s.tile_address(stage);
+  int32_t k = static_cast<int32_t>(threadIdx.x) / chunks;
+  int32_t ch = static_cast<int32_t>(threadIdx.x) - k * chunks;
+  const int32_t k_step = threads / chunks, ch_step = threads - k_step * chunks;
+  while (k < s.keys) {
+    const bool valid = k < count && ch * 8 < s.d;
+    const T* src = valid ? pool.keys + pool.physical(head, base + k) * s.d + ch * 8 : pool.keys;
+    cp_async_16(tile + static_cast<uint32_t>((k * ld + ch * 8) * 2), src, valid ? 16 : 0);
+    k += k_step;
+    ch += ch_step;
+    if (ch >= chunks) ch -= chunks, ++k;
+  }
+  int32_t* kpos = s.kpos(stage);
+  for (int32_t j = threadIdx.x; j < s.keys; j += threads) {
+    if (j < count) {
+      cp_async_4(shared_address(kpos + j), pool.positions + pool.physical(head, base + j));
+    } else {
+      kpos[j] = INT32_MAX;
+    }
+  }
+}
+
+//! Runs compute(stage, base, count) for every key tile of [begin, end), the tile in ring stage
+//! `stage`. Every thread of the CTA calls it; the loads of the next stages - 1 tiles are in
+//! flight during each compute, and one barrier a tile both publishes the tile and retires the
+//! stage the next load overwrites (the one computed in the previous iteration).
+template <kv_element T, class Compute>
+__device__ void for_each_mma_tile(const paged_view<T>& pool, int64_t head, int32_t begin, int32_t end,
+                                  const mma_smem& s, Compute&& compute) {
+  const int32_t tiles = begin < end ? (end - begin + s.keys - 1) / s.keys : 0;
+  const auto tile_keys = [&](int32_t t) { return min(s.keys, end - begin - t * s.keys); };
+  for (int32_t t = 0; t < s.stages - 1; ++t) {
+    if (t < tiles) load_mma_tile(pool, head, begin + t * s.keys, tile_keys(t), s, t);
+    cp_async_commit();  // empty groups too: the wait below counts groups
+  }
+  for (int32_t t = 0; t < tiles; ++t) {
+    cp_async_wait(s.stages - 2);  // this thread's copies of tile t have landed
+    __syncthreads();              // everyone's have; everyone is done with tile t - 1
+    const int32_t next = t + s.stages - 1;
+    if (next < tiles) load_mma_tile(pool, head, begin + next * s.keys, tile_keys(next), s, next % s.stages);
+    cp_async_commit();
+    compute(t % s.stages, begin + t * s.keys, tile_keys(t));
+  }
+}
+
+//! acc += A x B^T over d for one warp: 16 rows of A at `a_addr` and `NTiles` 8-row tiles of B
+//! at `b_addr` (two per ldmatrix), both in ldmatrix order (a_rows_address, b_rows_address).
+//! One operand is the pair block's bf16 terms, `term_bytes` apart, of which the last `Terms`
+//! are used, small terms first: A in pass 1 (pairs are rows), B in pass 2 (BIsTerms: pairs are
+//! columns). B tiles at or past `live_tiles` (pass 2's zero pairs) are skipped.
+template <int32_t Terms, int32_t NTiles, bool BIsTerms>
+__device__ __forceinline__ void mma_tiles(uint32_t a_addr, uint32_t b_addr, uint32_t term_bytes, int32_t ld,
+                                          int32_t dp, int32_t live_tiles, float (&acc)[NTiles][4]) {
+  for (int32_t c = 0; c < dp; c += 16) {
+    uint32_t a[BIsTerms ? 1 : Terms][4];
 #pragma unroll
-      for (int32_t t = 0; t < Terms; ++t) ldmatrix_x4(a[t], a_addr + (Terms - 1 - t) * term_bytes + c * 2);
+    for (int32_t t = 0; t < (BIsTerms ? 1 : Terms); ++t)
+      ldmatrix_x4(a[t], a_addr + (BIsTerms ? 0u : (Terms - 1 - t) * term_bytes) + static_cast<uint32_t>(c * 2));
 #pragma unroll
-      for (int32_t n = 0; n < window_keys / 16; ++n) {
-        uint32_t b[4];
-        ldmatrix_x4(b, b_addr + static_cast<uint32_t>((16 * n * ld + c) * 2));
+    for (int32_t n = 0; n < NTiles / 2; ++n) {
+      if (2 * n >= live_tiles) break;
+      const uint32_t b_tile = b_addr + static_cast<uint32_t>((16 * n * ld + c) * 2);
+      uint32_t b[4];
+      if constexpr (BIsTerms) {
+#pragma unroll
+        for (int32_t t = 0; t < Terms; ++t) {
+          ldmatrix_x4(b, b_tile + (Terms - 1 - t) * term_bytes);
+          mma_bf16_16816(acc[2 * n], a[0], b[0], b[1]);
+          mma_bf16_16816(acc[2 * n + 1], a[0], b[2], b[3]);
+        }
+      } else {
+        ldmatrix_x4(b, b_tile);
 #pragma unroll
         for (int32_t t = 0; t < Terms; ++t) {
           mma_bf16_16816(acc[2 * n], a[t], b[0], b[1]);
@@ -534,70 +609,236 @@ struct tensor_core_logits {
       }
     }
   }
+}
 #endif
-  //! Every thread of the CTA must call it (it synchronises the CTA once: the logits overwrite
-  //! the key tile). Each thread's 4 x 8 logits are rows of its own warp's MMAs, times `scale`.
-  __device__ static void tile(const window_smem_view& v, int32_t d, float scale, float (&x)[4][8]) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    const int32_t ld = pitch(d), dp = padded(d), lane = static_cast<int32_t>(threadIdx.x % 32);
-    const int32_t row = 16 * static_cast<int32_t>(threadIdx.x / 32);
-    const uint32_t term_bytes = static_cast<uint32_t>(pairs * ld * 2);
-    // ldmatrix row addresses (bf16 elements -> bytes): A, lane -> row `row + lane % 16` at
-    // column 8 * (lane / 16); B (two 8-key tiles), lane -> key lane % 8 + 8 * (lane / 16) at
-    // column 8 * (lane / 8 % 2). Each lands as the m16n8k16 fragment of that lane.
-    const uint32_t a_addr = shared_address(v.q) + static_cast<uint32_t>(((row + lane % 16) * ld + 8 * (lane / 16)) * 2);
-    const uint32_t b_addr = shared_address(v.k) + static_cast<uint32_t>(((lane % 8 + 8 * (lane / 16)) * ld + 8 * (lane / 8 % 2)) * 2);
-    float acc[window_keys / 8][4] = {};  // 8-key tile n: rows lane / 4 and + 8, keys 8 n + 2 (lane % 4) + {0, 1}
-    if (*v.terms == 3) {
-      logit_mmas<3>(a_addr, b_addr, term_bytes, ld, dp, acc);
-    } else {  // zero low terms would add exact zeros
-      logit_mmas<1>(a_addr, b_addr, term_bytes, ld, dp, acc);
-    }
-    __syncthreads();  // every warp is done with the key tile
-#pragma unroll
-    for (int32_t n = 0; n < window_keys / 8; ++n) {
-      float* out = v.logits + (row + lane / 4) * logit_pitch + 8 * n + 2 * (lane % 4);
-      *reinterpret_cast<float2*>(out) = float2{acc[n][0] * scale, acc[n][1] * scale};
-      *reinterpret_cast<float2*>(out + 8 * logit_pitch) = float2{acc[n][2] * scale, acc[n][3] * scale};
-    }
-    __syncwarp();
-    const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
-    static_assert(32 / 8 * 4 == 16, "a warp's threads read back exactly its 16 rows");
-#pragma unroll
-    for (int32_t i = 0; i < 4; ++i) {
-      const float* r = v.logits + (4 * pg + i) * logit_pitch + 8 * kg;
-      const float4 x0 = *reinterpret_cast<const float4*>(r);
-      const float4 x1 = *reinterpret_cast<const float4*>(r + 4);
-      const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-#pragma unroll
-      for (int32_t j = 0; j < 8; ++j) x[i][j] = xs[j];
-    }
-#else
-    __trap();  // window_scores refuses tensor_cores below sm_80 before launching
-#endif
-  }
-};
 
-//! Pass 1: per pair, the running max and denominator over this split's causal keys.
-template <kv_element T, class Logits>
-__global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_stats_kernel(const __grid_constant__ window_params<T> p) {
+//! ldmatrix row addresses (bf16 elements -> bytes) of this lane, for a matrix [row][ld] at
+//! `base`: as A (16 rows from `row`: lane -> row + lane % 16 at column 8 (lane / 16)) and as B
+//! (two 8-row tiles: lane -> row lane % 8 + 8 (lane / 16) at column 8 (lane / 8 % 2)). Each
+//! lands as the m16n8k16 fragment of that lane.
+__device__ __forceinline__ uint32_t a_rows_address(uint32_t base, int32_t row, int32_t ld, int32_t lane) {
+  return base + static_cast<uint32_t>(((row + lane % 16) * ld + 8 * (lane / 16)) * 2);
+}
+__device__ __forceinline__ uint32_t b_rows_address(uint32_t base, int32_t ld, int32_t lane) {
+  return base + static_cast<uint32_t>(((lane % 8 + 8 * (lane / 16)) * ld + 8 * (lane / 8 % 2)) * 2);
+}
+
+//! window_math::tensor_cores (bf16 K), with FlashAttention-2's division of the work. The pair
+//! block (`block_pairs`, 128 or 64 pairs) is staged once as three bf16 matrices [pair][pitch]
+//! (hi, mid, lo: hi + mid + lo == the fp32 query, zero-padded to a multiple of 16 along d).
+//! Key tiles of `TileKeys` keys [key][pitch] arrive by cp.async in a ring of `stages` buffers,
+//! so one CTA barrier a tile suffices and the next tiles load while this one is multiplied.
+//! Each warp keeps its m16n8k16 results in registers (no logit tile in shared memory):
+//! - pass 1 (stats), warp w: pair rows [16 w, 16 w + 16) x the tile's keys; a row's running
+//!   max and denominator live in the four lanes (a quad) that hold the row;
+//! - pass 2 (probs), warp w: keys [16 w, 16 w + 16) x every pair of the block, the same
+//!   products transposed (each logit may round differently from pass 1's), so a key's
+//!   probabilities over a query head's rows lie in one warp: summed in registers, then over
+//!   the quad, in a fixed order.
+//! Both sums are in another order than the CPU's (as the logits' are); the parity tests
+//! compare kept sets and test_window_math the scores' distance from the exact path's.
+//! The host picks the widest shape whose shared memory the device offers (mma_shape_for).
+//! Pass 1 here, launched with 2 x block_pairs threads (16 pair rows a warp).
+template <kv_element T, int32_t TileKeys>
+__global__ void __launch_bounds__(mma_window::max_threads, 1)
+    window_stats_mma_kernel(const __grid_constant__ window_params<T> p, int32_t block_pairs, int32_t stages) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) char window_shared[];
+  constexpr int32_t n_tiles = TileKeys / 8;  // a C fragment: keys 8 n + 2 (lane % 4) + {0, 1}
+  const auto& a = p.args;
+  const window_layout& l = p.layout;
+  const mma_smem s{window_shared, a.pool.head_dim, block_pairs, TileKeys, stages};
+  const int32_t ld = mma_window::pitch(s.d), dp = mma_window::padded(s.d);
+  const window_head<T> wh = window_head_of(p);
+  const int32_t warp = static_cast<int32_t>(threadIdx.x) / 32, lane = static_cast<int32_t>(threadIdx.x) % 32;
+  const int32_t quad = lane % 4, row0 = 16 * warp + lane / 4;  // this lane's rows: row0 and row0 + 8
+  const int32_t begin = blockIdx.x * l.split_keys;
+  const int32_t end = min(wh.length, begin + l.split_keys);
+  const auto term_bytes = static_cast<uint32_t>(mma_window::term_bytes(s.d, s.pairs));
+  for (int32_t first = 0; first < l.pairs; first += s.pairs) {
+    const int32_t count = min(s.pairs, l.pairs - first);
+    __syncthreads();  // the previous block is done with the pair block and the ring
+    const int32_t terms = stage_mma_pairs(p, wh, first, count, s);
+    const bool live = 16 * warp < count;  // warp-uniform: rows past the count are zero
+    const int32_t qpos[2] = {s.qpos()[row0], s.qpos()[row0 + 8]};
+    float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};  // sum: this lane's keys only
+    const uint32_t a_addr = a_rows_address(shared_address(s.term(0)), 16 * warp, ld, lane);
+    for_each_mma_tile(a.pool, wh.head, begin, end, s, [&](int32_t stage, int32_t, int32_t) {
+      if (!live) return;
+      float acc[n_tiles][4] = {};
+      const uint32_t b_addr = b_rows_address(s.tile_address(stage), ld, lane);
+      if (terms == 3) {
+        mma_tiles<3, n_tiles, false>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
+      } else {
+        mma_tiles<1, n_tiles, false>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
+      }
+      int2 kpos[n_tiles];
+#pragma unroll
+      for (int32_t n = 0; n < n_tiles; ++n) kpos[n] = *reinterpret_cast<const int2*>(s.kpos(stage) + 8 * n + 2 * quad);
+#pragma unroll
+      for (int32_t n = 0; n < n_tiles; ++n)
+#pragma unroll
+        for (int32_t e = 0; e < 4; ++e) acc[n][e] = __fmul_rn(acc[n][e], p.logit_scale);  // rounded, as stored
+      // Per row (acc[n][2 i + {0, 1}]): the tile's max over the quad first, then this lane's
+      // exponentials folded into its running denominator once (the quad shares the max, so
+      // its lanes' sums add).
+#pragma unroll
+      for (int32_t i = 0; i < 2; ++i) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int32_t n = 0; n < n_tiles; ++n) {
+          if (kpos[n].x <= qpos[i]) tile_max = fmaxf(tile_max, acc[n][2 * i]);  // causal (and padding: INT32_MAX)
+          if (kpos[n].y <= qpos[i]) tile_max = fmaxf(tile_max, acc[n][2 * i + 1]);
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        if (tile_max == -INFINITY) continue;
+        const float m_new = fmaxf(m[i], tile_max);
+        float tile_sum = 0.f;
+#pragma unroll
+        for (int32_t n = 0; n < n_tiles; ++n) {
+          if (kpos[n].x <= qpos[i]) tile_sum += exp2f(acc[n][2 * i] - m_new);
+          if (kpos[n].y <= qpos[i]) tile_sum += exp2f(acc[n][2 * i + 1] - m_new);
+        }
+        // An unchanged max would scale by exactly 1: skip its exp2 (one rounding either way).
+        sum[i] = m_new != m[i] ? fmaf(sum[i], exp2f(m[i] - m_new), tile_sum) : sum[i] + tile_sum;
+        m[i] = m_new;
+      }
+    });
+    if (!live) continue;
+#pragma unroll
+    for (int32_t i = 0; i < 2; ++i) {
+      float total = sum[i] + __shfl_xor_sync(0xffffffffu, sum[i], 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      const int32_t q = row0 + 8 * i;
+      if (quad == 0 && q < count) {
+        const int64_t at = ((wh.index * l.pairs + first + q) * l.splits + blockIdx.x) * 2;
+        p.partial[at] = m[i];
+        p.partial[at + 1] = total;
+      }
+    }
+  }
+#else
+  __trap();  // window_scores refuses tensor_cores below sm_80 before launching
+#endif
+}
+
+//! Pass 2 (tensor cores): probabilities (or their squares) summed per (query head, key) over
+//! the rows into agg [heads][per_row][stride]. Launched with 2 x TileKeys threads (16 keys a
+//! warp).
+template <kv_element T, int32_t TileKeys>
+__global__ void __launch_bounds__(mma_window::max_threads, 1)
+    window_probs_mma_kernel(const __grid_constant__ window_params<T> p, int32_t block_pairs, int32_t stages) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) char window_shared[];
+  constexpr int32_t n_tiles = mma_window::max_pairs / 8;  // a C fragment: pairs 8 n + 2 (lane % 4) + {0, 1}
+  const auto& a = p.args;
+  const window_layout& l = p.layout;
+  const mma_smem s{window_shared, a.pool.head_dim, block_pairs, TileKeys, stages};
+  const int32_t ld = mma_window::pitch(s.d), dp = mma_window::padded(s.d);
+  const window_head<T> wh = window_head_of(p);
+  const int32_t warp = static_cast<int32_t>(threadIdx.x) / 32, lane = static_cast<int32_t>(threadIdx.x) % 32;
+  const int32_t quad = lane % 4, key0 = 16 * warp + lane / 4;  // this lane's keys: key0 and key0 + 8
+  const int32_t begin = blockIdx.x * l.split_keys;
+  const int32_t end = min(wh.length, begin + l.split_keys);
+  const auto term_bytes = static_cast<uint32_t>(mma_window::term_bytes(s.d, s.pairs));
+  const bool squared = a.metric.squared;
+  const int32_t w = a.window;
+  for (int32_t first = 0; first < l.pairs; first += s.pairs) {
+    const int32_t count = min(s.pairs, l.pairs - first);
+    __syncthreads();  // the previous block is done with the pair block, its stats and the ring
+    for (int32_t q = threadIdx.x; q < s.pairs; q += blockDim.x) {  // a row's max and 1 / its denominator
+      const int64_t at = (wh.index * l.pairs + first + q) * 2;
+      s.stats()[q] = q < count ? float2{p.stats[at], 1.f / p.stats[at + 1]} : float2{-INFINITY, 1.f};
+    }
+    const int32_t terms = stage_mma_pairs(p, wh, first, count, s);  // its barrier publishes the stats
+    const int32_t live_tiles = (count + 7) / 8;
+    const uint32_t b_addr = b_rows_address(shared_address(s.term(0)), ld, lane);
+    // Query heads whose rows this block holds: [g_first, g_last].
+    const int32_t g_first = first / w, g_last = (first + count - 1) / w;
+    for_each_mma_tile(a.pool, wh.head, begin, end, s, [&](int32_t stage, int32_t base, int32_t keys) {
+      if (16 * warp >= keys) return;  // warp-uniform: the tile's last keys
+      float acc[n_tiles][4] = {};     // rows: keys key0 (acc[n][0, 1]) and key0 + 8 (acc[n][2, 3])
+      const uint32_t a_addr = a_rows_address(s.tile_address(stage), 16 * warp, ld, lane);
+      if (terms == 3) {
+        mma_tiles<3, n_tiles, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
+      } else {
+        mma_tiles<1, n_tiles, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
+      }
+      const int64_t kpos[2] = {s.kpos(stage)[key0], s.kpos(stage)[key0 + 8]};
+#pragma unroll
+      for (int32_t n = 0; n < n_tiles; ++n) {
+        const int32_t pair = 8 * n + 2 * quad;
+        const float4 st = *reinterpret_cast<const float4*>(s.stats() + pair);  // pair, pair + 1: {m, 1 / s}
+        const int2 qp = *reinterpret_cast<const int2*>(s.qpos() + pair);
+        const float pm[2] = {st.x, st.z}, pinv[2] = {st.y, st.w};
+        const int64_t limit[2] = {static_cast<int64_t>(qp.x) - a.metric.buffer, static_cast<int64_t>(qp.y) - a.metric.buffer};
+#pragma unroll
+        for (int32_t e = 0; e < 4; ++e) {
+          const int32_t j = e % 2;  // the pair; e / 2 the key
+          float v = 0.f;
+          if (pm[j] != -INFINITY && kpos[e / 2] <= limit[j]) {
+            v = exp2f(__fmul_rn(acc[n][e], p.logit_scale) - pm[j]) * pinv[j];  // the logit rounded, as in pass 1
+            if (squared) v *= v;
+          }
+          acc[n][e] = v;
+        }
+      }
+      // Per query head: this lane's pairs of its rows, then the quad's; tiles wholly inside
+      // the head's rows skip the per-pair test (the usual case, w a multiple of 8).
+      for (int32_t g = g_first; g <= g_last; ++g) {
+        const int32_t lo = max(g * w, first) - first, hi = min((g + 1) * w, first + count) - first;
+        float s0 = 0.f, s1 = 0.f;  // keys key0, key0 + 8
+#pragma unroll
+        for (int32_t n = 0; n < n_tiles; ++n) {
+          if (8 * n + 8 <= lo || 8 * n >= hi) continue;
+          if (8 * n >= lo && 8 * n + 8 <= hi) {
+            s0 += acc[n][0] + acc[n][1];
+            s1 += acc[n][2] + acc[n][3];
+          } else {
+            const int32_t pair = 8 * n + 2 * quad;
+            const bool in0 = pair >= lo && pair < hi, in1 = pair + 1 >= lo && pair + 1 < hi;
+            s0 += (in0 ? acc[n][0] : 0.f) + (in1 ? acc[n][1] : 0.f);
+            s1 += (in0 ? acc[n][2] : 0.f) + (in1 ? acc[n][3] : 0.f);
+          }
+        }
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+        if (quad != 0) continue;
+        float* out = p.agg + (wh.index * l.per_row + g) * a.stride + base;
+        const bool earlier = first > g * w;  // rows of g in an earlier block
+        if (key0 < keys) out[key0] = earlier ? out[key0] + s0 : s0;
+        if (key0 + 8 < keys) out[key0 + 8] = earlier ? out[key0 + 8] + s1 : s1;
+      }
+    });
+  }
+#else
+  __trap();  // window_scores refuses tensor_cores below sm_80 before launching
+#endif
+}
+
+//! Pass 1 (exact): per pair, the running max and denominator over this split's causal keys.
+template <kv_element T>
+__global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(const __grid_constant__ window_params<T> p) {
   extern __shared__ __align__(128) char window_shared[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
   const int32_t d = a.pool.head_dim;
   const window_head<T> wh = window_head_of(p);
-  const window_smem_view sm = Logits::view(window_shared, d);
+  const window_smem_view sm = exact_logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
   const int32_t begin = blockIdx.x * l.split_keys;
   const int32_t end = min(wh.length, begin + l.split_keys);
-  for (int32_t first = 0; first < l.pairs; first += Logits::pairs) {
-    const int32_t count = min(Logits::pairs, l.pairs - first);
+  for (int32_t first = 0; first < l.pairs; first += exact_logits::pairs) {
+    const int32_t count = min(exact_logits::pairs, l.pairs - first);
     float m[4], s[4];
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) m[i] = -INFINITY, s[i] = 0.f;
     __syncthreads();
-    Logits::stage_pairs(p, wh, first, count, sm);
-    typename Logits::template key_tile<T> keys;
+    exact_logits::stage_pairs(p, wh, first, count, sm);
+    exact_logits::key_tile<T> keys;
     if (begin < end) keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
     for (int32_t base = begin; base < end; base += window_keys) {
       __syncthreads();
@@ -606,7 +847,7 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_st
       if (base + window_keys < end)
         keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      Logits::tile(sm, d, p.logit_scale, x);
+      exact_logits::tile(sm, d, p.logit_scale, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
@@ -670,22 +911,22 @@ __global__ void window_merge_kernel(const __grid_constant__ window_params<T> p) 
   }
 }
 
-//! Pass 2: probabilities (or their squares) summed per (query head, key) over the rows,
-//! ascending, into agg [heads][per_row][stride].
-template <kv_element T, class Logits>
-__global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_probs_kernel(const __grid_constant__ window_params<T> p) {
+//! Pass 2 (exact): probabilities (or their squares) summed per (query head, key) over the
+//! rows, ascending (the CPU's order), into agg [heads][per_row][stride].
+template <kv_element T>
+__global__ void __launch_bounds__(exact_logits::threads, 1) window_probs_kernel(const __grid_constant__ window_params<T> p) {
   extern __shared__ __align__(128) char window_shared[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
   const int32_t d = a.pool.head_dim;
   const window_head<T> wh = window_head_of(p);
-  const window_smem_view sm = Logits::view(window_shared, d);
+  const window_smem_view sm = exact_logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
   const int32_t begin = blockIdx.x * l.split_keys;
   const int32_t end = min(wh.length, begin + l.split_keys);
   const bool squared = a.metric.squared;
-  for (int32_t first = 0; first < l.pairs; first += Logits::pairs) {
-    const int32_t count = min(Logits::pairs, l.pairs - first);
+  for (int32_t first = 0; first < l.pairs; first += exact_logits::pairs) {
+    const int32_t count = min(exact_logits::pairs, l.pairs - first);
     float m[4], inv_s[4];  // a row's max and 1 / its denominator (>= 1 where m is finite)
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) {
@@ -696,8 +937,8 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_pr
     // Query heads whose rows this block holds: [g_first, g_last].
     const int32_t g_first = first / a.window, g_last = (first + count - 1) / a.window;
     __syncthreads();
-    Logits::stage_pairs(p, wh, first, count, sm);
-    typename Logits::template key_tile<T> tile_keys;
+    exact_logits::stage_pairs(p, wh, first, count, sm);
+    exact_logits::key_tile<T> tile_keys;
     if (begin < end) tile_keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
     for (int32_t base = begin; base < end; base += window_keys) {
       const int32_t keys = min(window_keys, end - base);
@@ -707,7 +948,7 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_pr
       if (base + window_keys < end)
         tile_keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      Logits::tile(sm, d, p.logit_scale, x);
+      exact_logits::tile(sm, d, p.logit_scale, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
@@ -740,24 +981,53 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_pr
   }
 }
 
-//! The two passes and the merge between them, with the logits of `Logits`.
-template <kv_element T, class Logits>
-[[nodiscard]] status launch_window_passes(const window_params<T>& p, cudaStream_t stream) {
-  const size_t smem = Logits::smem_bytes(p.args.pool.head_dim);
-  if (smem > 48 * 1024) {
-    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(window_stats_kernel<T, Logits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
-    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(window_probs_kernel<T, Logits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
-  }
-  const dim3 grid(static_cast<unsigned>(p.layout.splits), static_cast<unsigned>(p.args.pool.heads),
-                  static_cast<unsigned>(p.args.batch * p.args.layer_count));
-  window_stats_kernel<T, Logits><<<grid, Logits::threads, smem, stream>>>(p);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
+//! Sets a kernel's dynamic shared memory limit where it needs more than the default 48 KiB.
+template <class Kernel>
+[[nodiscard]] status allow_smem(Kernel* kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  return status::success;
+}
+
+[[nodiscard]] inline dim3 window_grid(const window_layout& l, int32_t heads, int32_t batch_layers) {
+  return dim3(static_cast<unsigned>(l.splits), static_cast<unsigned>(heads), static_cast<unsigned>(batch_layers));
+}
+
+//! Merges pass 1's per-split statistics into one max and denominator per pair.
+template <kv_element T>
+[[nodiscard]] status launch_window_merge(const window_params<T>& p, cudaStream_t stream) {
   const int32_t et = default_tuning.elementwise.threads;
   window_merge_kernel<T><<<grid_for(p.layout.heads * p.layout.pairs, et), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  window_probs_kernel<T, Logits><<<grid, Logits::threads, smem, stream>>>(p);
+  return status::success;
+}
+
+//! window_math::exact: the two passes and the merge between them.
+template <kv_element T>
+[[nodiscard]] status launch_exact_passes(const window_params<T>& p, cudaStream_t stream) {
+  const size_t smem = exact_logits::smem_bytes(p.args.pool.head_dim);
+  if (const status s = allow_smem(window_stats_kernel<T>, smem); s != status::success) return s;
+  if (const status s = allow_smem(window_probs_kernel<T>, smem); s != status::success) return s;
+  const dim3 grid = window_grid(p.layout, p.args.pool.heads, p.args.batch * p.args.layer_count);
+  window_stats_kernel<T><<<grid, exact_logits::threads, smem, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  if (const status s = launch_window_merge(p, stream); s != status::success) return s;
+  window_probs_kernel<T><<<grid, exact_logits::threads, smem, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  return status::success;
+}
+
+//! window_math::tensor_cores in `shape` (mma_shape_for): the two passes and the merge.
+template <kv_element T, int32_t TileKeys>
+[[nodiscard]] status launch_mma_passes(const window_params<T>& p, const mma_shape& shape, cudaStream_t stream) {
+  const auto smem = static_cast<size_t>(shape.smem_bytes(p.args.pool.head_dim));
+  if (const status s = allow_smem(window_stats_mma_kernel<T, TileKeys>, smem); s != status::success) return s;
+  if (const status s = allow_smem(window_probs_mma_kernel<T, TileKeys>, smem); s != status::success) return s;
+  const dim3 grid = window_grid(p.layout, p.args.pool.heads, p.args.batch * p.args.layer_count);
+  window_stats_mma_kernel<T, TileKeys><<<grid, 2 * shape.pairs, smem, stream>>>(p, shape.pairs, shape.stages);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  if (const status s = launch_window_merge(p, stream); s != status::success) return s;
+  window_probs_mma_kernel<T, TileKeys><<<grid, 2 * TileKeys, smem, stream>>>(p, shape.pairs, shape.stages);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
 }
@@ -871,13 +1141,15 @@ template <kv_element T>
   const window_math math = resolved_math<T>(a.math, a.pool.head_dim);
   if constexpr (std::is_same_v<T, bfloat16>) {  // can_implement refuses tensor_cores for other types
     if (math == window_math::tensor_cores) {
-      if (const status s = detail::check_tensor_cores(); s != status::success) return s;
-      if (const status s = detail::launch_window_passes<T, detail::tensor_core_logits>(p, stream); s != status::success)
-        return s;
+      detail::mma_shape shape;
+      if (const status s = detail::tensor_core_shape(a.pool.head_dim, shape); s != status::success) return s;
+      const status s = shape.keys == 128 ? detail::launch_mma_passes<T, 128>(p, shape, stream)
+                                         : detail::launch_mma_passes<T, 64>(p, shape, stream);
+      if (s != status::success) return s;
     }
   }
   if (math == window_math::exact)
-    if (const status s = detail::launch_window_passes<T, detail::exact_logits>(p, stream); s != status::success) return s;
+    if (const status s = detail::launch_exact_passes(p, stream); s != status::success) return s;
   const int32_t et = default_tuning.elementwise.threads;
 
   // agg holds row sums per query head; the mean over rows divides them (as the CPU does)
