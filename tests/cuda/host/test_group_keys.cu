@@ -87,7 +87,7 @@ TEST_CASE("second-sort keys fit 64 bits for every size the planner accepts", "[c
   }
 }
 
-TEST_CASE("plan workspace: per-head budgets select without sort buffers, Ada-KV and KV-Compress sort", "[cuda]") {
+TEST_CASE("plan workspace: per-head budgets and Ada-KV select without sort buffers, KV-Compress sorts", "[cuda]") {
   cu::plan_arguments<float> a;
   a.pool.layers = 2;
   a.pool.heads = 4;
@@ -103,9 +103,44 @@ TEST_CASE("plan workspace: per-head budgets select without sort buffers, Ada-KV 
     a.budget.type = kind;
     CHECK(cu::workspace_size(a) == selecting);
   }
-  for (const auto kind : {cu::device_budget::kind::adaptive, cu::device_budget::kind::global_blocks}) {
-    a.budget.type = kind;
-    // Two more key / value pairs, and CUB's storage, which CUB sizes for the device (none here: 0).
-    CHECK(cu::workspace_size(a) >= selecting + 2 * bytes(items, 8) + 2 * bytes(items, 4));
+  // Ada-KV selects per layer (6 groups): its group counters and select state (a prefix, three
+  // counters and 256 bins per group), no sort.
+  a.budget.type = cu::device_budget::kind::adaptive;
+  const size_t per_layer = bytes(items, 8) + bytes(items, 4) + 2 * bytes(heads, 8) + bytes(heads * 4, 4) + bytes(2 * 6, 4);
+  CHECK(cu::workspace_size(a) == per_layer + bytes(6, 8) + bytes(6 * 3, 4) + bytes(6 * 256, 4));
+  // KV-Compress: two more key / value pairs, and CUB's storage, which CUB sizes for the device
+  // (none here: 0).
+  a.budget.type = cu::device_budget::kind::global_blocks;
+  CHECK(cu::workspace_size(a) >= selecting + 2 * bytes(items, 8) + 2 * bytes(items, 4));
+}
+
+TEST_CASE("Ada-KV group keys order candidates as (score desc, head), and their digits cover them", "[cuda]") {
+  struct candidate {
+    float score;
+    int32_t head, position;
+  };
+  for (const int32_t heads : {1, 2, 8, 32, 65535}) {
+    const int32_t head_bits = cu::detail::bits_for(heads);
+    CAPTURE(heads);
+    CHECK(8 * cu::detail::group_key_digits(heads) >= 32 + head_bits);
+    CHECK(8 * (cu::detail::group_key_digits(heads) - 1) < 32 + head_bits);  // no digit of zeros only
+    std::mt19937 rng(static_cast<uint32_t>(heads));
+    std::uniform_int_distribution<int32_t> head_of(0, heads - 1), position_of(0, 1 << 20), pick(0, 5);
+    const float scores[] = {-2.5f, -0.f, 0.f, 1e-30f, 0.25f, 7.f};  // -0 and +0 are one score
+    std::vector<candidate> items;
+    for (int i = 0; i < 150; ++i) items.push_back({scores[pick(rng)], head_of(rng), position_of(rng)});
+    const auto key = [&](const candidate& c) {
+      const uint64_t rank_key =
+          static_cast<uint64_t>(~cu::detail::ordered_bits(c.score)) << 32 | static_cast<uint32_t>(c.position);
+      return cu::detail::group_key(rank_key, c.head, head_bits);
+    };
+    for (const candidate& x : items)
+      for (const candidate& y : items) {
+        const bool better = x.score != y.score ? x.score > y.score : x.head < y.head;
+        const bool same = x.score == y.score && x.head == y.head;
+        CHECK((key(x) < key(y)) == better);
+        CHECK((key(x) == key(y)) == same);
+        CHECK((key(x) & cu::detail::low_bits(64 - 32 - head_bits)) == 0);  // zeros below the head
+      }
   }
 }

@@ -10,16 +10,18 @@
 //!    the lower slot). Kept: the `keep` smallest keys of the head in that order.
 //! 2. uniform and pyramid budgets size each head alone, so they need its kept set, not its
 //!    order: a radix select per head finds the keep-th smallest key (select_kept_kernel).
-//! 3. Ada-KV and KV-Compress need every head's order: one sort by (head, key) of every head's
-//!    entries at once, a stable device-wide radix sort by key, then a stable one by head
-//!    (slots past a head's length carry padding keys, which sort after its entries). Values:
-//!    the slot in the head. Ada-KV's budgets are per layer (a second sort, within each layer,
-//!    of its candidates keyed (score desc, head, rank) gives each head's share of the layer's
-//!    top-k, then the safeguard); KV-Compress's per sequence (candidate blocks priced by their
-//!    block metric, keyed (metric asc, head, block), cheapest `blocks_to_evict` taken). The
-//!    second sort is one device-wide radix sort: the keys carry their group in their high
-//!    bits (group_key_format).
-//! 4. evictor: top-k, or rounded up to whole blocks; kept flags per slot for compaction.
+//! 3. Ada-KV's budgets are per layer: each head earns as many candidates as it has among the
+//!    layer's top `total` in the order (score desc, head, rank), then the safeguard. Only
+//!    those counts matter, so a radix select per layer finds the top-total-th group key (the
+//!    rank key's score bits, then the head) and each head counts its candidates at or above
+//!    it (adaptive_select); its kept set is then a per-head select as in 2.
+//! 4. KV-Compress needs every head's order: one sort by (head, key) of every head's entries
+//!    at once, a stable device-wide radix sort by key, then a stable one by head (slots past a
+//!    head's length carry padding keys, which sort after its entries). Values: the slot in the
+//!    head. Its budget is per sequence: candidate blocks priced by their block metric, keyed
+//!    (metric asc, head, block), cheapest `blocks_to_evict` taken, by a second device-wide
+//!    radix sort whose keys carry their sequence in their high bits (group_key_format).
+//! 5. evictor: top-k, or rounded up to whole blocks; kept flags per slot for compaction.
 //! Device-detected input errors (NaN scores, empty heads) are reported through `error` and
 //! make every later step of the same compression a no-op (strong guarantee).
 
@@ -148,8 +150,8 @@ struct group_key_format {
 struct plan_layout {
   int64_t heads = 0;   // batch * layer_count * H
   int64_t items = 0;   // heads * stride
-  int32_t groups = 0;  // second-sort segments: layers (adaptive) or sequences (global)
-  bool sorted = false; // Ada-KV / KV-Compress: the sorts of file comment 3. (else a select)
+  int32_t groups = 0;  // layers (adaptive: its selects) or sequences (global: second-sort segments)
+  bool sorted = false; // KV-Compress: the sorts of file comment 4. (else selects)
   int64_t span = 0;            // second sort: ranks per head (adaptive: stride; global: blocks per head)
   int64_t group_heads = 0;     // heads per group
   int64_t second_items = 0;    // groups * group_heads * span
@@ -162,11 +164,11 @@ template <kv_element T>
   l.heads = static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads;
   l.items = l.heads * a.stride;
   const bool adaptive = a.budget.type == device_budget::kind::adaptive;
-  l.sorted = adaptive || a.budget.type == device_budget::kind::global_blocks;
+  l.sorted = a.budget.type == device_budget::kind::global_blocks;
   l.groups = adaptive ? a.batch * a.layer_count : a.batch;
   if (l.sorted) {
-    l.span = adaptive ? a.stride : ceil_div(a.stride, a.budget.block_size > 0 ? a.budget.block_size : 1);
-    l.group_heads = adaptive ? a.pool.heads : static_cast<int64_t>(a.layer_count) * a.pool.heads;
+    l.span = ceil_div(a.stride, a.budget.block_size > 0 ? a.budget.block_size : 1);
+    l.group_heads = static_cast<int64_t>(a.layer_count) * a.pool.heads;
     l.second_items = static_cast<int64_t>(l.groups) * l.group_heads * l.span;
     l.format = group_key_format_of(l.groups, l.group_heads * l.span);
   }
@@ -189,6 +191,31 @@ template <kv_element T>
 
 namespace detail {
 
+//! Ada-KV's radix select per layer (file comment, 3.), over group keys (group_key): digits
+//! of 8 bits from the top; a group is settled once every candidate matching `prefix` above
+//! `shift` is taken. Then a candidate is taken iff its key above `shift` is at most prefix's;
+//! at shift 64 (settled from the start), iff remaining > 0 (all or none). Unsettled after the
+//! last digit, `prefix` is the threshold key: those below it are taken, and `remaining` of
+//! those equal to it, all of one head.
+struct adaptive_select_state {
+  uint64_t* prefix = nullptr;     // [groups]
+  int32_t* remaining = nullptr;   // [groups]
+  int32_t* shift = nullptr;       // [groups] the last digit's bit (64: none)
+  int32_t* settled = nullptr;     // [groups]
+  int32_t* bins = nullptr;        // [groups][256] candidates per digit value (zero between passes)
+};
+
+//! A candidate's group key, left-aligned in 64 bits: its rank key's score bits (ascending =
+//! higher score), then its head in the group in the next `head_bits` bits, zeros below. Equal
+//! group keys are candidates of one head with equal scores.
+[[nodiscard]] __host__ __device__ constexpr uint64_t group_key(uint64_t rank_key, int32_t head, int32_t head_bits) noexcept {
+  return (rank_key & 0xffffffff00000000ull) | (head_bits == 0 ? 0 : static_cast<uint64_t>(head) << (32 - head_bits));
+}
+//! Digits of 8 bits that cover the group keys of `heads` heads per group.
+[[nodiscard]] __host__ __device__ constexpr int32_t group_key_digits(int64_t heads) noexcept {
+  return (32 + bits_for(heads) + 7) / 8;
+}
+
 template <kv_element T>
 struct plan_params {
   plan_arguments<T> args;
@@ -207,12 +234,13 @@ struct plan_params {
   int32_t* earned = nullptr;      // [heads] Ada-KV share / KV-Compress evicted blocks
   int32_t* group_total = nullptr; // [groups] Ada-KV total / KV-Compress wanted
   int32_t* group_flag = nullptr;  // [groups] Ada-KV: compress this layer
+  adaptive_select_state select_state{};  // Ada-KV
   void* sort_temp = nullptr;      // CUB's storage
 };
 
 //! Carves the plan's buffers out of `base` (null: only counts) and returns the bytes: rank
 //! keys and values; with the sorts two more pairs and CUB's storage (the largest of the
-//! three sorts'); head bounds, per-head and per-group counters.
+//! three sorts'); head bounds, per-head and per-group counters; Ada-KV's select state.
 template <kv_element T>
 size_t carve_plan(plan_params<T>& p, void* base) noexcept {
   const plan_layout& l = p.layout;
@@ -234,6 +262,15 @@ size_t carve_plan(plan_params<T>& p, void* base) noexcept {
   int32_t* groups = w.take<int32_t>(l.groups * 2);
   p.group_total = groups;
   p.group_flag = groups ? groups + l.groups : nullptr;
+  if (p.args.budget.type == device_budget::kind::adaptive) {
+    adaptive_select_state& st = p.select_state;
+    st.prefix = w.take<uint64_t>(l.groups);
+    int32_t* state = w.take<int32_t>(l.groups * 3);
+    st.remaining = state;
+    st.shift = state ? state + l.groups : nullptr;
+    st.settled = state ? state + 2 * l.groups : nullptr;
+    st.bins = w.take<int32_t>(l.groups * 256);
+  }
   size_t sort_bytes = 0;
   if (l.sorted) {
     const size_t by_key = workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, 64});
@@ -421,7 +458,8 @@ __global__ void per_head_budget_kernel(const __grid_constant__ plan_params<T> p)
   }
 }
 
-//! Ada-KV, one thread per (sequence, layer): bases, whether the layer compresses, its total.
+//! Ada-KV, one thread per (sequence, layer): bases, whether the layer compresses, its total,
+//! and the start of its select: settled at once where it takes all of its candidates or none.
 template <kv_element T>
 __global__ void adaptive_prepare_kernel(const __grid_constant__ plan_params<T> p) {
   const auto& a = p.args;
@@ -429,7 +467,7 @@ __global__ void adaptive_prepare_kernel(const __grid_constant__ plan_params<T> p
   if (g >= p.layout.groups) return;
   const int32_t layer = a.first_layer + g % a.layer_count;
   bool compress = layer >= a.budget.skip_layers;
-  int64_t total = 0;
+  int64_t total = 0, candidates = 0;
   for (int32_t h = 0; h < a.pool.heads; ++h) {
     const int64_t hi = static_cast<int64_t>(g) * a.pool.heads + h;
     int32_t ignored = 0;
@@ -439,29 +477,141 @@ __global__ void adaptive_prepare_kernel(const __grid_constant__ plan_params<T> p
     p.earned[hi] = 0;
     if (base > n - prot) compress = false;
     total += base;
+    candidates += n - prot;
   }
   p.group_flag[g] = compress ? 1 : 0;
   p.group_total[g] = compress ? static_cast<int32_t>(total) : 0;
+  const adaptive_select_state& st = p.select_state;
+  st.prefix[g] = 0;
+  st.shift[g] = 64;
+  const bool all = compress && total >= candidates, none = !compress || total == 0;
+  st.settled[g] = all || none ? 1 : 0;
+  st.remaining[g] = all ? 1 : (none ? 0 : static_cast<int32_t>(total));
 }
 
-//! Ada-KV second-sort keys: candidate i of head h -> (score desc, h, rank); padding last.
-template <kv_element T>
-__global__ void adaptive_keys_kernel(const __grid_constant__ plan_params<T> p) {
+//! Grid (chunks of the stride, heads): one digit pass of Ada-KV's select (the digit at bit
+//! `shift`): per group, how many of its candidates whose group keys match the prefix above
+//! `shift` have each value of the digit, added into the group's bins.
+template <kv_element T, int32_t Threads>
+__global__ void __launch_bounds__(Threads) adaptive_digits_kernel(const __grid_constant__ plan_params<T> p,
+                                                                   int32_t shift) {
+  constexpr int32_t items = rank_items_per_thread;
+  __shared__ int32_t bins[256];
   const auto& a = p.args;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.layout.items;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t hi = i / a.stride;
-    const int32_t idx = static_cast<int32_t>(i - hi * a.stride);
-    const int32_t h = static_cast<int32_t>(hi % a.pool.heads);
-    const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]), prot = p.protect[hi];
-    const int64_t g = hi / a.pool.heads;
-    uint64_t key = p.layout.format.padding(g);
-    if (idx >= prot && idx < n)
-      key = p.layout.format.encode(g, static_cast<uint32_t>(p.keys_out[i] >> 32),
-                                   static_cast<uint32_t>(static_cast<int64_t>(h) * a.stride + (idx - prot)));
-    p.keys_in[i] = key;
-    p.values_in[i] = 0;
+  const int64_t hi = blockIdx.y;
+  const int64_t g = hi / a.pool.heads;
+  const adaptive_select_state& st = p.select_state;
+  if (st.settled[g]) return;  // the whole CTA: one group
+  for (int32_t i = static_cast<int32_t>(threadIdx.x); i < 256; i += Threads) bins[i] = 0;
+  __syncthreads();
+  const auto h = static_cast<int32_t>(hi % a.pool.heads);
+  const int32_t head_bits = bits_for(a.pool.heads);
+  const uint64_t prefix = st.prefix[g];
+  const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
+  const int32_t first = static_cast<int32_t>(blockIdx.x) * Threads * items;
+  const int32_t lane = static_cast<int32_t>(threadIdx.x % 32);
+  uint64_t key[items];
+#pragma unroll
+  for (int32_t i = 0; i < items; ++i) {
+    const int32_t j = first + i * Threads + static_cast<int32_t>(threadIdx.x);
+    key[i] = j < n ? p.keys_in[hi * a.stride + j] : 0;
   }
+#pragma unroll
+  for (int32_t i = 0; i < items; ++i) {
+    const uint64_t c = group_key(key[i], h, head_bits);
+    // Protected slots (rank key 0) and slots past the length are not candidates.
+    const bool match = key[i] != 0 && (shift == 56 || (c >> (shift + 8)) == (prefix >> (shift + 8)));
+    const int32_t digit = match ? static_cast<int32_t>((c >> shift) & 0xffu) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, digit);  // lanes with one digit add once
+    if (match && lane == __ffs(peers) - 1) atomicAdd(&bins[digit], __popc(peers));
+  }
+  __syncthreads();
+  for (int32_t i = static_cast<int32_t>(threadIdx.x); i < 256; i += Threads)
+    if (bins[i] != 0) atomicAdd(&st.bins[g * 256 + i], bins[i]);
+}
+
+//! One CTA of 256 threads per group, after adaptive_digits_kernel at `shift`: the digit whose
+//! candidates hold the remaining-th taken one extends the prefix; the bins are zeroed.
+template <kv_element T>
+__global__ void __launch_bounds__(256) adaptive_choose_kernel(const __grid_constant__ plan_params<T> p, int32_t shift) {
+  using scan = cub::BlockScan<int32_t, 256>;
+  __shared__ typename scan::TempStorage temp;
+  __shared__ int32_t s_digit, s_below, s_count;
+  const int64_t g = blockIdx.x;
+  const adaptive_select_state& st = p.select_state;
+  if (st.settled[g]) return;  // the whole CTA
+  const int32_t remaining = st.remaining[g];
+  if (threadIdx.x == 0) s_digit = -1;
+  int32_t* bins = st.bins + g * 256;
+  const int32_t count = bins[threadIdx.x];
+  int32_t below = 0;
+  scan(temp).ExclusiveSum(count, below);
+  bins[threadIdx.x] = 0;  // for the next pass; this thread alone read it
+  __syncthreads();        // s_digit's reset is visible before a thread claims the digit
+  if (below < remaining && remaining <= below + count) {
+    s_digit = static_cast<int32_t>(threadIdx.x);
+    s_below = below;
+    s_count = count;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  if (s_digit < 0) {  // fewer candidates match than remain to take: the counts disagree
+    report(p.args.error, status::invalid_plan);
+    st.settled[g] = 1;
+    st.remaining[g] = 0;
+    return;
+  }
+  st.prefix[g] |= static_cast<uint64_t>(s_digit) << shift;
+  st.remaining[g] = remaining - s_below;
+  st.shift[g] = shift;
+  st.settled[g] = s_count == remaining - s_below ? 1 : 0;
+}
+
+//! Grid (chunks of the stride, heads), after the last digit: each head's earned count, its
+//! candidates taken by its group's select (adaptive_select_state), added into `earned`.
+template <kv_element T, int32_t Threads>
+__global__ void __launch_bounds__(Threads) adaptive_earned_kernel(const __grid_constant__ plan_params<T> p) {
+  constexpr int32_t items = rank_items_per_thread;
+  __shared__ int32_t warp_counts[Threads / 32];
+  const auto& a = p.args;
+  const int64_t hi = blockIdx.y;
+  const int64_t g = hi / a.pool.heads;
+  if (!p.group_flag[g]) return;  // the layer keeps its bases
+  const adaptive_select_state& st = p.select_state;
+  const auto h = static_cast<int32_t>(hi % a.pool.heads);
+  const int32_t head_bits = bits_for(a.pool.heads);
+  const uint64_t prefix = st.prefix[g];
+  const int32_t shift = st.shift[g], remaining = st.remaining[g];
+  const bool settled = st.settled[g] != 0;
+  const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
+  const int32_t first = static_cast<int32_t>(blockIdx.x) * Threads * items;
+  int32_t taken = 0;
+#pragma unroll
+  for (int32_t i = 0; i < items; ++i) {
+    const int32_t j = first + i * Threads + static_cast<int32_t>(threadIdx.x);
+    const uint64_t key = j < n ? p.keys_in[hi * a.stride + j] : 0;
+    if (key == 0) continue;  // protected, or past the length
+    const uint64_t c = group_key(key, h, head_bits);
+    if (shift == 64) {
+      taken += remaining > 0 ? 1 : 0;
+    } else if (settled) {
+      taken += (c >> shift) <= (prefix >> shift) ? 1 : 0;
+    } else {
+      taken += c < prefix ? 1 : 0;  // the keys' bits below `shift` are zero
+    }
+  }
+#pragma unroll
+  for (int32_t offset = 16; offset > 0; offset /= 2) taken += __shfl_xor_sync(0xffffffffu, taken, offset);
+  if (threadIdx.x % 32 == 0) warp_counts[threadIdx.x / 32] = taken;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  int32_t total = 0;
+  for (int32_t w = 0; w < Threads / 32; ++w) total += warp_counts[w];
+  // The threshold's ties are one head's: it takes `remaining` of them.
+  const bool holds_ties = !settled && shift != 64 && blockIdx.x == 0 &&
+                          (head_bits == 0 || static_cast<int32_t>((prefix >> (32 - head_bits)) & low_bits(head_bits)) == h);
+  if (holds_ties) total += remaining;
+  if (total != 0) atomicAdd(&p.earned[hi], total);
 }
 
 //! Counts, per head, the entries among the first group_total[g] of each sorted group.
@@ -741,8 +891,8 @@ template <kv_element T>
 
 }  // namespace detail
 
-//! Rank keys and values (Ada-KV and KV-Compress: sort buffers and CUB's storage too), head
-//! bounds and counters.
+//! Rank keys and values (KV-Compress: sort buffers and CUB's storage too), head bounds and
+//! counters (Ada-KV: its select state too).
 template <kv_element T>
 [[nodiscard]] size_t workspace_size(const plan_arguments<T>& a) noexcept {
   detail::plan_params<T> p{a, detail::plan_layout_of(a)};
@@ -771,16 +921,34 @@ template <kv_element T>
   KVTRIM_CUDA_TRY(cudaGetLastError());
   detail::rank_keys_kernel<T, et><<<per_slot, et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  if (a.budget.type == device_budget::kind::uniform || a.budget.type == device_budget::kind::pyramid) {
-    // A per-head budget needs each head's kept set, not its order (file comment, 2.).
-    detail::per_head_budget_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+  if (!l.sorted) {
+    if (a.budget.type == device_budget::kind::adaptive) {
+      // Each head's share of its layer's top total (file comment, 3.), then the safeguard.
+      detail::adaptive_prepare_kernel<T><<<detail::grid_for(l.groups, 64), 64, 0, stream>>>(p);
+      KVTRIM_CUDA_TRY(cudaGetLastError());
+      const detail::adaptive_select_state& st = p.select_state;
+      KVTRIM_CUDA_TRY(cudaMemsetAsync(st.bins, 0, static_cast<size_t>(l.groups) * 256 * sizeof(int32_t), stream));
+      const int32_t digits = detail::group_key_digits(a.pool.heads);
+      for (int32_t shift = 56; shift >= 64 - 8 * digits; shift -= 8) {
+        detail::adaptive_digits_kernel<T, et><<<per_slot, et, 0, stream>>>(p, shift);
+        KVTRIM_CUDA_TRY(cudaGetLastError());
+        detail::adaptive_choose_kernel<T><<<static_cast<unsigned>(l.groups), 256, 0, stream>>>(p, shift);
+        KVTRIM_CUDA_TRY(cudaGetLastError());
+      }
+      detail::adaptive_earned_kernel<T, et><<<per_slot, et, 0, stream>>>(p);
+      KVTRIM_CUDA_TRY(cudaGetLastError());
+      detail::adaptive_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+    } else {
+      detail::per_head_budget_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+    }
     KVTRIM_CUDA_TRY(cudaGetLastError());
+    // A per-head count needs each head's kept set, not its order (file comment, 2.).
     constexpr int32_t st = default_tuning.planning.select_threads;
     detail::select_kept_kernel<T, st><<<heads, st, 0, stream>>>(p);
     KVTRIM_CUDA_TRY(cudaGetLastError());
     return detail::commit_metrics(p, stream);
   }
-  // The first sort (file comment, 3.): by key, then stably by head; the result lands in
+  // KV-Compress's first sort (file comment, 4.): by key, then stably by head; the result lands in
   // keys_in / values_in, which are then named keys_out / values_out (the buffers swap roles).
   if (const status s = radix_sort({p.keys_in, p.keys_out, p.values_in, p.values_out, l.items, 64}, sort_temp, stream);
       s != status::success)
@@ -796,38 +964,18 @@ template <kv_element T>
   std::swap(p.keys_in, p.keys_out);
   std::swap(p.values_in, p.values_out);
 
-  switch (a.budget.type) {
-    case device_budget::kind::uniform:
-    case device_budget::kind::pyramid:
-      break;  // selected above
-    case device_budget::kind::adaptive: {
-      detail::adaptive_prepare_kernel<T><<<detail::grid_for(l.groups, 64), 64, 0, stream>>>(p);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      detail::adaptive_keys_kernel<T><<<detail::grid_for(l.items, et), et, 0, stream>>>(p);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      if (const status s = detail::second_sort(p, sort_temp, stream); s != status::success) return s;
-      const int64_t most = static_cast<int64_t>(a.pool.heads) * a.stride;
-      detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), l.groups), et, 0, stream>>>(p);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      detail::adaptive_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      break;
-    }
-    case device_budget::kind::global_blocks: {
-      const auto max_blocks = static_cast<int32_t>(detail::ceil_div(a.stride, a.budget.block_size));
-      detail::global_prepare_kernel<T><<<detail::grid_for(a.batch, 64), 64, 0, stream>>>(p, max_blocks);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      detail::global_keys_kernel<T><<<detail::grid_for(l.heads * max_blocks, et), et, 0, stream>>>(p, max_blocks);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      if (const status s = detail::second_sort(p, sort_temp, stream); s != status::success) return s;
-      const int64_t most = static_cast<int64_t>(a.layer_count) * a.pool.heads * max_blocks;
-      detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), a.batch), et, 0, stream>>>(p);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      detail::global_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
-      KVTRIM_CUDA_TRY(cudaGetLastError());
-      break;
-    }
-  }
+  // KV-Compress (global_blocks): blocks priced from each head's order, the cheapest evicted.
+  const auto max_blocks = static_cast<int32_t>(detail::ceil_div(a.stride, a.budget.block_size));
+  detail::global_prepare_kernel<T><<<detail::grid_for(a.batch, 64), 64, 0, stream>>>(p, max_blocks);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  detail::global_keys_kernel<T><<<detail::grid_for(l.heads * max_blocks, et), et, 0, stream>>>(p, max_blocks);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  if (const status s = detail::second_sort(p, sort_temp, stream); s != status::success) return s;
+  const int64_t most = static_cast<int64_t>(a.layer_count) * a.pool.heads * max_blocks;
+  detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), a.batch), et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  detail::global_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+  KVTRIM_CUDA_TRY(cudaGetLastError());
   detail::keep_kernel<T><<<heads, pt, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return detail::commit_metrics(p, stream);
