@@ -97,8 +97,8 @@ TEST_CASE("plan workspace: per-head budgets and Ada-KV select without sort buffe
   a.stride = 1000;
   const int64_t heads = 3 * 2 * 4, items = heads * 1000;
   const auto bytes = [](int64_t count, size_t size) { return cu::detail::align_up(static_cast<size_t>(count) * size); };
-  // Rank keys and values, head bounds, four per-head and two per-group counters.
-  const size_t selecting = bytes(items, 8) + bytes(items, 4) + 2 * bytes(heads, 8) + bytes(heads * 4, 4) + bytes(2 * 3, 4);  // groups: the 3 sequences
+  // Rank keys, head bounds, four per-head and two per-group counters.
+  const size_t selecting = bytes(items, 8) + 2 * bytes(heads, 8) + bytes(heads * 4, 4) + bytes(2 * 3, 4);  // groups: the 3 sequences
   for (const auto kind : {cu::device_budget::kind::uniform, cu::device_budget::kind::pyramid}) {
     a.budget.type = kind;
     CHECK(cu::workspace_size(a) == selecting);
@@ -106,10 +106,10 @@ TEST_CASE("plan workspace: per-head budgets and Ada-KV select without sort buffe
   // Ada-KV selects per layer (6 groups): its group counters and select state (a prefix, three
   // counters and 256 bins per group), no sort.
   a.budget.type = cu::device_budget::kind::adaptive;
-  const size_t per_layer = bytes(items, 8) + bytes(items, 4) + 2 * bytes(heads, 8) + bytes(heads * 4, 4) + bytes(2 * 6, 4);
+  const size_t per_layer = bytes(items, 8) + 2 * bytes(heads, 8) + bytes(heads * 4, 4) + bytes(2 * 6, 4);
   CHECK(cu::workspace_size(a) == per_layer + bytes(6, 8) + bytes(6 * 3, 4) + bytes(6 * 256, 4));
-  // KV-Compress: two more key / value pairs, and CUB's storage, which CUB sizes for the device
-  // (none here: 0).
+  // KV-Compress: two key / value pairs for its sorts, and CUB's storage, which CUB sizes for
+  // the device (none here: 0).
   a.budget.type = cu::device_budget::kind::global_blocks;
   CHECK(cu::workspace_size(a) >= selecting + 2 * bytes(items, 8) + 2 * bytes(items, 4));
 }
@@ -142,5 +142,30 @@ TEST_CASE("Ada-KV group keys order candidates as (score desc, head), and their d
         CHECK((key(x) == key(y)) == same);
         CHECK((key(x) & cu::detail::low_bits(64 - 32 - head_bits)) == 0);  // zeros below the head
       }
+  }
+}
+
+TEST_CASE("KV-Compress head-score keys sort each head protected first, then by score desc, padding last", "[cuda]") {
+  const cu::detail::plan_layout l{.heads = 70};
+  const int32_t bits = cu::detail::head_score_key_bits(l);
+  CHECK(bits == 32 + 7);
+  const auto rank_key = [](float score, int32_t position) {
+    return static_cast<uint64_t>(~cu::detail::ordered_bits(score)) << 32 | static_cast<uint32_t>(position);
+  };
+  const uint64_t protected_key = 0, padding = ~uint64_t{0};
+  for (const int64_t head : {int64_t{0}, int64_t{1}, int64_t{69}}) {
+    CAPTURE(head);
+    const uint64_t prot = cu::detail::head_score_key(head, protected_key);
+    const uint64_t high = cu::detail::head_score_key(head, rank_key(3.f, 100));
+    const uint64_t low = cu::detail::head_score_key(head, rank_key(-3.f, 5));
+    const uint64_t pad = cu::detail::head_score_key(head, padding);
+    CHECK(prot < high);
+    CHECK(high < low);
+    CHECK(low < pad);
+    CHECK(cu::detail::head_score_key(head, rank_key(0.5f, 1)) == cu::detail::head_score_key(head, rank_key(0.5f, 9)));
+    CHECK(pad < cu::detail::head_score_key(head + 1, protected_key));  // heads do not interleave
+    CHECK((pad >> bits) == 0);                                          // within the sorted bits
+    // The score comes back from the low 32 bits (global_keys_kernel).
+    CHECK(cu::detail::from_ordered_bits(~static_cast<uint32_t>(low)) == -3.f);
   }
 }

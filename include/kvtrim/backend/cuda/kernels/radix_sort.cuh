@@ -1,11 +1,10 @@
 #pragma once
 //! \file radix_sort.cuh
 //! The one CUB sort the backend instantiates: (uint64 key, int32 value) pairs, ascending and
-//! stable, device-wide over the low `end_bit` bits. Every ranking of the backend is encoded
-//! into a 64-bit key with the segment it belongs to (head, layer, sequence) in its high bits,
-//! or, where the key leaves no room (ranking.cuh's first sort), sorted again stably by segment,
-//! so that this single instantiation serves them all (nvcc time) and every sort uses the whole
-//! GPU rather than one CTA per segment. The key helpers below are shared by those encodings.
+//! stable, device-wide over the low `end_bit` bits. Every sort of the backend encodes its
+//! segment (head, sequence) in the high bits of a 64-bit key, so that this single
+//! instantiation serves them all (nvcc time) and every sort uses the whole GPU rather than one
+//! CTA per segment. The key helpers below are shared by those encodings.
 
 #include <cub/device/device_radix_sort.cuh>
 #include <cuda_runtime_api.h>

@@ -15,12 +15,13 @@
 //!    those counts matter, so a radix select per layer finds the top-total-th group key (the
 //!    rank key's score bits, then the head) and each head counts its candidates at or above
 //!    it (adaptive_select); its kept set is then a per-head select as in 2.
-//! 4. KV-Compress needs every head's order: one sort by (head, key) of every head's entries
-//!    at once, a stable device-wide radix sort by key, then a stable one by head (slots past a
-//!    head's length carry padding keys, which sort after its entries). Values: the slot in the
-//!    head. Its budget is per sequence: candidate blocks priced by their block metric, keyed
-//!    (metric asc, head, block), cheapest `blocks_to_evict` taken, by a second device-wide
-//!    radix sort whose keys carry their sequence in their high bits (group_key_format).
+//! 4. KV-Compress's budget is per sequence: candidate blocks priced by their block metric,
+//!    keyed (metric asc, head, block), cheapest `blocks_to_evict` taken. A block's price is
+//!    the score at a rank of its head's candidates, which needs every head's scores in order
+//!    but not which slot holds each: one device-wide radix sort of (head, score bits) keys
+//!    (protected slots first in their head, slots past its length last), then a second one
+//!    of the blocks, whose keys carry their sequence in their high bits (group_key_format).
+//!    Each head then keeps its top (candidates - evicted tokens), a per-head select as in 2.
 //! 5. evictor: top-k, or rounded up to whole blocks; kept flags per slot for compaction.
 //! Device-detected input errors (NaN scores, empty heads) are reported through `error` and
 //! make every later step of the same compression a no-op (strong guarantee).
@@ -31,7 +32,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <utility>
 
 #include "kvtrim/backend/cuda/error.cuh"
 #include "kvtrim/backend/cuda/kernels/radix_sort.cuh"
@@ -175,10 +175,10 @@ template <kv_element T>
   return l;
 }
 
-//! Bits of the first sort's head pass (at least one: CUB sorts on a non-empty bit range).
-[[nodiscard]] inline int32_t head_key_bits(const plan_layout& l) noexcept {
-  const int32_t bits = bits_for(l.heads);
-  return bits > 0 ? bits : 1;
+//! KV-Compress's first sort: key = head << 32 | the rank key's score bits (file comment, 4.).
+[[nodiscard]] inline int32_t head_score_key_bits(const plan_layout& l) noexcept { return 32 + bits_for(l.heads); }
+[[nodiscard]] __host__ __device__ constexpr uint64_t head_score_key(int64_t head, uint64_t rank_key) noexcept {
+  return static_cast<uint64_t>(head) << 32 | rank_key >> 32;
 }
 
 //! CUB's storage for the second sort.
@@ -220,11 +220,11 @@ template <kv_element T>
 struct plan_params {
   plan_arguments<T> args;
   plan_layout layout;
-  uint64_t* keys_in = nullptr;
-  uint64_t* keys_out = nullptr;   // sorted: protected first, then candidates best first
+  uint64_t* keys_in = nullptr;    // [heads][stride] rank keys (file comment, 1.)
+  // KV-Compress: the two sorts (keys2, values2) -> (keys_out, values_out); values unused.
+  uint64_t* keys_out = nullptr;
   uint64_t* keys2 = nullptr;
-  int32_t* values_in = nullptr;
-  int32_t* values_out = nullptr;  // slot of each sorted entry
+  int32_t* values_out = nullptr;
   int32_t* values2 = nullptr;
   int64_t* begin = nullptr;
   int64_t* end = nullptr;
@@ -239,15 +239,14 @@ struct plan_params {
 };
 
 //! Carves the plan's buffers out of `base` (null: only counts) and returns the bytes: rank
-//! keys and values; with the sorts two more pairs and CUB's storage (the largest of the
-//! three sorts'); head bounds, per-head and per-group counters; Ada-KV's select state.
+//! keys; with the sorts two key / value pairs and CUB's storage (the larger of the two
+//! sorts'); head bounds, per-head and per-group counters; Ada-KV's select state.
 template <kv_element T>
 size_t carve_plan(plan_params<T>& p, void* base) noexcept {
   const plan_layout& l = p.layout;
   const int64_t sorted_items = l.sorted ? l.items : 0;
   workspace_carver w(base);
   p.keys_in = w.take<uint64_t>(l.items);
-  p.values_in = w.take<int32_t>(l.items);
   p.keys_out = w.take<uint64_t>(sorted_items);
   p.keys2 = w.take<uint64_t>(sorted_items);
   p.values_out = w.take<int32_t>(sorted_items);
@@ -273,10 +272,9 @@ size_t carve_plan(plan_params<T>& p, void* base) noexcept {
   }
   size_t sort_bytes = 0;
   if (l.sorted) {
-    const size_t by_key = workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, 64});
-    const size_t by_head =
-        workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, head_key_bits(l)});
-    sort_bytes = std::max({by_key, by_head, second_sort_bytes(l)});
+    const size_t first =
+        workspace_size(radix_sort_arguments{nullptr, nullptr, nullptr, nullptr, l.items, head_score_key_bits(l)});
+    sort_bytes = std::max(first, second_sort_bytes(l));
   }
   p.sort_temp = w.take<char>(static_cast<int64_t>(sort_bytes));
   return w.used();
@@ -379,35 +377,14 @@ __global__ void __launch_bounds__(Threads) rank_keys_kernel(const __grid_constan
       }
     }
     p.keys_in[at] = key;
-    if (p.layout.sorted) p.values_in[at] = static_cast<int32_t>(at);  // the global index until the head pass
+    if (p.layout.sorted) {  // padding keeps its score bits all ones: last in its head
+      p.keys2[at] = head_score_key(hi, key);
+      p.values2[at] = 0;
+    }
   }
 #pragma unroll
   for (int32_t offset = 16; offset > 0; offset /= 2) protected_here += __shfl_xor_sync(0xffffffffu, protected_here, offset);
   if (threadIdx.x % 32 == 0 && protected_here > 0) atomicAdd(&p.protect[hi], protected_here);
-}
-
-//! Between the two passes of the first sort: each entry's head (from its global index, the
-//! value of the key pass) is the key of the head pass, its place in the key order the value.
-template <kv_element T>
-__global__ void head_keys_kernel(const __grid_constant__ plan_params<T> p) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.layout.items;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    p.keys_in[i] = static_cast<uint64_t>(p.values_out[i] / p.args.stride);
-    p.values_in[i] = static_cast<int32_t>(i);
-  }
-}
-
-//! After the head pass: entry t of the sorted result is entry values2[t] of the key pass, its
-//! value the slot within its head. Written to keys_in / values_in, which plan() then names
-//! keys_out / values_out.
-template <kv_element T>
-__global__ void gather_sorted_kernel(const __grid_constant__ plan_params<T> p) {
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < p.layout.items;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int32_t i = p.values2[t];
-    p.keys_in[t] = p.keys_out[i];
-    p.values_in[t] = p.values_out[i] % p.args.stride;
-  }
 }
 
 //! Candidates head (layer, n, P) would keep under a uniform / pyramid budget, before clipping.
@@ -621,7 +598,7 @@ __global__ void count_top_kernel(const __grid_constant__ plan_params<T> p) {
   const int32_t g = blockIdx.y;
   const int64_t base = g * l.group_heads * l.span;  // groups are contiguous, group_heads * span entries each
   for (int32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < p.group_total[g]; t += gridDim.x * blockDim.x) {
-    const uint32_t local = l.format.local_of(p.keys2[base + t]);
+    const uint32_t local = l.format.local_of(p.keys_out[base + t]);
     atomicAdd(&p.earned[g * l.group_heads + local / l.span], 1);
   }
 }
@@ -703,14 +680,14 @@ __global__ void global_keys_kernel(const __grid_constant__ plan_params<T> p, int
     const int64_t b = hi / heads;
     uint64_t key = p.layout.format.padding(b);
     if (removed <= limit) {
-      const uint64_t sorted = p.keys_out[hi * a.stride + prot + (evictable - removed)];
-      const float score = from_ordered_bits(~static_cast<uint32_t>(sorted >> 32));
+      const uint64_t sorted = p.keys_out[hi * a.stride + prot + (evictable - removed)];  // head_score_key
+      const float score = from_ordered_bits(~static_cast<uint32_t>(sorted));
       const auto local = static_cast<uint32_t>((hi % heads) * max_blocks + k);
       key = p.layout.format.encode(b, ordered_bits(score), local);
     }
     // Entries are laid out [batch][heads * max_blocks]: the same flat index.
-    p.keys_in[i] = key;
-    p.values_in[i] = 0;
+    p.keys2[i] = key;
+    p.values2[i] = 0;
   }
 }
 
@@ -748,21 +725,6 @@ __device__ int32_t kept_count(const plan_params<T>& p, int64_t hi, int32_t n) {
   }
   a.keep[hi] = prot + take;
   return prot + take;
-}
-
-//! Kept flags from the sorted order, one CTA per head: the first `keep` sorted entries.
-template <kv_element T>
-__global__ void keep_kernel(const __grid_constant__ plan_params<T> p) {
-  __shared__ int32_t s_keep;
-  const auto& a = p.args;
-  const int64_t hi = blockIdx.x;
-  const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
-  if (threadIdx.x == 0) s_keep = kept_count(p, hi, n);
-  __syncthreads();
-  uint8_t* flags = a.kept + hi * a.stride;
-  for (int32_t j = threadIdx.x; j < n; j += blockDim.x) flags[j] = 0;
-  __syncthreads();
-  for (int32_t i = threadIdx.x; i < s_keep; i += blockDim.x) flags[p.values_out[hi * a.stride + i]] = 1;
 }
 
 //! Keys of a head each thread loads per round of select_kept_kernel (in flight together).
@@ -882,11 +844,11 @@ template <kv_element T>
   return status::success;
 }
 
-//! keys_in -> keys2 (values alongside), each group ordered by its candidates' keys.
+//! keys2 -> keys_out (values alongside), each group ordered by its candidates' keys.
 template <kv_element T>
 [[nodiscard]] status second_sort(const plan_params<T>& p, void* temp, cudaStream_t stream) {
   const plan_layout& l = p.layout;
-  return radix_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.second_items, l.format.end_bit()}, temp, stream);
+  return radix_sort({p.keys2, p.keys_out, p.values2, p.values_out, l.second_items, l.format.end_bit()}, temp, stream);
 }
 
 }  // namespace detail
@@ -909,20 +871,22 @@ template <kv_element T>
   const detail::plan_layout l = detail::plan_layout_of(a);
   detail::plan_params<T> p{a, l};
   detail::carve_plan(p, workspace);
-  void* sort_temp = p.sort_temp;
   KVTRIM_CUDA_TRY(cudaMemsetAsync(a.error, 0, sizeof(int32_t), stream));
   // The per-head counters start at zero: next and protect are atomic maxima and sums.
   KVTRIM_CUDA_TRY(cudaMemsetAsync(p.next, 0, static_cast<size_t>(l.heads) * 4 * sizeof(int32_t), stream));
   const auto heads = static_cast<unsigned>(l.heads);
-  constexpr int32_t pt = default_tuning.planning.threads;
   constexpr int32_t et = default_tuning.elementwise.threads;
   const dim3 per_slot(static_cast<unsigned>(detail::ceil_div(a.stride, et * detail::rank_items_per_thread)), heads);
   detail::head_next_kernel<T, et><<<per_slot, et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   detail::rank_keys_kernel<T, et><<<per_slot, et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  if (!l.sorted) {
-    if (a.budget.type == device_budget::kind::adaptive) {
+  switch (a.budget.type) {
+    case device_budget::kind::uniform:
+    case device_budget::kind::pyramid:
+      detail::per_head_budget_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+      break;
+    case device_budget::kind::adaptive: {
       // Each head's share of its layer's top total (file comment, 3.), then the safeguard.
       detail::adaptive_prepare_kernel<T><<<detail::grid_for(l.groups, 64), 64, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
@@ -938,45 +902,33 @@ template <kv_element T>
       detail::adaptive_earned_kernel<T, et><<<per_slot, et, 0, stream>>>(p);
       KVTRIM_CUDA_TRY(cudaGetLastError());
       detail::adaptive_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
-    } else {
-      detail::per_head_budget_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+      break;
     }
-    KVTRIM_CUDA_TRY(cudaGetLastError());
-    // A per-head count needs each head's kept set, not its order (file comment, 2.).
-    constexpr int32_t st = default_tuning.planning.select_threads;
-    detail::select_kept_kernel<T, st><<<heads, st, 0, stream>>>(p);
-    KVTRIM_CUDA_TRY(cudaGetLastError());
-    return detail::commit_metrics(p, stream);
+    case device_budget::kind::global_blocks: {
+      // KV-Compress (file comment, 4.): every head's scores in order, then the blocks priced
+      // from them, the cheapest evicted.
+      if (const status s = radix_sort({p.keys2, p.keys_out, p.values2, p.values_out, l.items,
+                                       detail::head_score_key_bits(l)},
+                                      p.sort_temp, stream);
+          s != status::success)
+        return s;
+      const auto max_blocks = static_cast<int32_t>(detail::ceil_div(a.stride, a.budget.block_size));
+      detail::global_prepare_kernel<T><<<detail::grid_for(a.batch, 64), 64, 0, stream>>>(p, max_blocks);
+      KVTRIM_CUDA_TRY(cudaGetLastError());
+      detail::global_keys_kernel<T><<<detail::grid_for(l.heads * max_blocks, et), et, 0, stream>>>(p, max_blocks);
+      KVTRIM_CUDA_TRY(cudaGetLastError());
+      if (const status s = detail::second_sort(p, p.sort_temp, stream); s != status::success) return s;
+      const int64_t most = static_cast<int64_t>(a.layer_count) * a.pool.heads * max_blocks;
+      detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), a.batch), et, 0, stream>>>(p);
+      KVTRIM_CUDA_TRY(cudaGetLastError());
+      detail::global_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
+      break;
+    }
   }
-  // KV-Compress's first sort (file comment, 4.): by key, then stably by head; the result lands in
-  // keys_in / values_in, which are then named keys_out / values_out (the buffers swap roles).
-  if (const status s = radix_sort({p.keys_in, p.keys_out, p.values_in, p.values_out, l.items, 64}, sort_temp, stream);
-      s != status::success)
-    return s;
-  detail::head_keys_kernel<T><<<detail::grid_for(l.items, et), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
-  if (const status s = radix_sort({p.keys_in, p.keys2, p.values_in, p.values2, l.items, detail::head_key_bits(l)},
-                                  sort_temp, stream);
-      s != status::success)
-    return s;
-  detail::gather_sorted_kernel<T><<<detail::grid_for(l.items, et), et, 0, stream>>>(p);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
-  std::swap(p.keys_in, p.keys_out);
-  std::swap(p.values_in, p.values_out);
-
-  // KV-Compress (global_blocks): blocks priced from each head's order, the cheapest evicted.
-  const auto max_blocks = static_cast<int32_t>(detail::ceil_div(a.stride, a.budget.block_size));
-  detail::global_prepare_kernel<T><<<detail::grid_for(a.batch, 64), 64, 0, stream>>>(p, max_blocks);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
-  detail::global_keys_kernel<T><<<detail::grid_for(l.heads * max_blocks, et), et, 0, stream>>>(p, max_blocks);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
-  if (const status s = detail::second_sort(p, sort_temp, stream); s != status::success) return s;
-  const int64_t most = static_cast<int64_t>(a.layer_count) * a.pool.heads * max_blocks;
-  detail::count_top_kernel<T><<<dim3(detail::grid_for(most, et, 4096), a.batch), et, 0, stream>>>(p);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
-  detail::global_finish_kernel<T><<<detail::grid_for(l.heads, et), et, 0, stream>>>(p);
-  KVTRIM_CUDA_TRY(cudaGetLastError());
-  detail::keep_kernel<T><<<heads, pt, 0, stream>>>(p);
+  // Every budget ends as a count per head; its kept set needs no order (file comment, 2.).
+  constexpr int32_t st = default_tuning.planning.select_threads;
+  detail::select_kept_kernel<T, st><<<heads, st, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return detail::commit_metrics(p, stream);
 }
