@@ -52,9 +52,31 @@ TEST_CASE("decode splits: any resident-CTA count gives a layout that fits the wo
               // Every key is read, and the last split is not empty.
               CHECK(static_cast<int64_t>(l.splits) * l.split_tokens >= length);
               CHECK(static_cast<int64_t>(l.splits - 1) * l.split_tokens < length);
+              // Short splits are coarsened to at most max_short_splits a head.
+              CHECK((l.splits <= t.max_short_splits || l.split_tokens >= t.short_split_tokens));
               // Fewer resident CTAs never give more splits: the max_ctas workspace holds it.
               CHECK(l.splits <= most.splits);
               CHECK(carved_bytes(l) <= workspace);
             }
           }
+}
+
+TEST_CASE("decode splits: the measured small-cache shapes get 32 splits a head, longer heads keep theirs", "[cuda]") {
+  // An H100 SXM holds 132 x 4 split CTAs at G = 4 (528 slots); 8 KV heads of head dim 128.
+  const auto splits = [](int32_t batch, int32_t length) {
+    cu::decode_arguments<kvtrim::bfloat16> a;
+    a.pool.heads = 8;
+    a.pool.head_dim = 128;
+    a.batch = batch;
+    a.q_heads = 32;
+    a.max_length = length;
+    return cu::detail::decode_layout_of(a, 528).splits;
+  };
+  CHECK(splits(1, 4096) == 32);   // 64 before: 17.3-17.5 µs in 32 against 20.1-21.0
+  CHECK(splits(1, 8192) == 32);   // 64 before: 26.5-26.9 µs against 28.5-30.0 (eager)
+  CHECK(splits(1, 512) == 8);     // 64-key splits, as before: 8 beat 4
+  CHECK(splits(1, 16384) == 64);  // 256-key splits already: unchanged
+  CHECK(splits(1, 32768) == 64);  // long heads keep every resident CTA busy
+  CHECK(splits(8, 4096) == 8);    // the 8x decode target shape: unchanged
+  CHECK(splits(8, 32768) == 8);
 }

@@ -20,6 +20,9 @@ struct attention_tuning {
                                      //!< kernel's occupancy holds fewer at once: G = 8),
   int32_t min_split_tokens = 64;     //!< each reading at least this many keys of one head
   int32_t max_split_tokens = 4096;   //!< and at most this many
+  int32_t max_short_splits = 32;     //!< a head's splits shorter than short_split_tokens are
+  int32_t short_split_tokens = 256;  //!< coarsened to at most this many (their merge costs more
+                                     //!< than the CTAs gain; paged_attention.cuh)
   int32_t max_group = 8;            //!< largest G = Hq / Hkv held in registers
 };
 

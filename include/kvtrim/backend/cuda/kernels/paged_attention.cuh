@@ -16,6 +16,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -75,15 +76,21 @@ struct decode_layout {
 
 //! Keys per CTA. The splits of every head fill `slots` resident CTAs in one wave where they
 //! can: as many splits per head as fit, rounded down, so no partial wave trails (ceil-div
-//! sizing left 1.1 waves at some shapes). Within [min_split_tokens, max_split_tokens], a
-//! multiple of 32. Fewer slots never give more splits, so a workspace sized for
-//! attention_tuning::max_ctas holds any device's.
+//! sizing left 1.1 waves at some shapes). Few heads of a few thousand keys would get many
+//! short splits, whose merge costs more than the extra CTAs gain: such heads get at most
+//! max_short_splits, unless that makes them longer than short_split_tokens (H100, B = 1, 8
+//! heads, per graph replay: 4096 keys a head 20.1-21.0 µs in 64 splits, 17.3-17.5 in 32;
+//! 8192 keys 28.5-30.0 in 64, 26.5-26.9 in 32; performance.md). Within [min_split_tokens,
+//! max_split_tokens], a multiple of 32. Fewer slots never give more splits, so a workspace
+//! sized for attention_tuning::max_ctas holds any device's.
 template <kv_element T>
 [[nodiscard]] int32_t split_tokens_for(const decode_arguments<T>& a, int64_t slots) noexcept {
   constexpr attention_tuning t = default_tuning.attention;
   const int64_t heads = static_cast<int64_t>(a.batch) * a.pool.heads;
   const int64_t per_head = heads > 0 && slots > heads ? slots / heads : 1;
   int64_t split = ceil_div(a.max_length, per_head);
+  const int64_t coarse = ceil_div(a.max_length, t.max_short_splits);
+  split = std::max(split, std::min<int64_t>(coarse, t.short_split_tokens));
   split = split < t.min_split_tokens ? t.min_split_tokens : (split > t.max_split_tokens ? t.max_split_tokens : split);
   return static_cast<int32_t>(ceil_div(split, 32) * 32);
 }
