@@ -768,6 +768,7 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
       const int64_t kpos[2] = {s.kpos(stage)[key0], s.kpos(stage)[key0 + 8]};
 #pragma unroll
       for (int32_t n = 0; n < n_tiles; ++n) {
+        if (n >= live_tiles) break;  // no pairs there (nor stats: a 64-pair block holds 64)
         const int32_t pair = 8 * n + 2 * quad;
         const float4 st = *reinterpret_cast<const float4*>(s.stats() + pair);  // pair, pair + 1: {m, 1 / s}
         const int2 qp = *reinterpret_cast<const int2*>(s.qpos() + pair);
