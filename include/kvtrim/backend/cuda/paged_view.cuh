@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kvtrim/backend/cuda/error.cuh"
 #include "kvtrim/cache/paged_layout.hpp"
 #include "kvtrim/cache/slot_mover.hpp"
 #include "kvtrim/config.hpp"
@@ -124,6 +125,14 @@ template <kv_element T>
 //! Flat index of (batch entry b, head h) in per-batch workspace arrays.
 [[nodiscard]] __host__ __device__ __forceinline__ int64_t head_slot(int32_t b, int32_t h, int32_t heads) noexcept {
   return static_cast<int64_t>(b) * heads + h;
+}
+
+//! Sets a kernel's dynamic shared memory limit where it needs more than the default 48 KiB.
+template <class Kernel>
+[[nodiscard]] status allow_smem(Kernel* kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  return status::success;
 }
 
 //! Grid-stride loop bound for 1-D element kernels.

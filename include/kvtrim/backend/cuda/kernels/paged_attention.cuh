@@ -527,7 +527,7 @@ template <kv_element T, int32_t HeadDim, int32_t Group>
   const int32_t group = a.q_heads / a.pool.heads;
   const size_t smem = static_cast<size_t>(subgroups) * group * (a.pool.head_dim + 2) * sizeof(float);
   auto kernel = decode_split_kernel<T, HeadDim, Group, threads, max_group>;
-  if (smem > 48 * 1024) KVTRIM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (const status s = allow_smem(kernel, smem); s != status::success) return s;
   const decode_layout l = decode_layout_of(a, resident_ctas(kernel, threads, smem));
   workspace_carver w(workspace);
   decode_params<T> p{a, l.group, l.splits, l.split_tokens, base2_logit_scale(a.pool.head_dim),

@@ -140,26 +140,32 @@ inline constexpr mma_shape mma_shapes[] = {{128, 128, 3}, {128, 128, 2}, {64, 12
   return {};
 }
 
-//! Shared memory of the current device for one block, opted in.
-[[nodiscard]] inline status smem_optin(int64_t& bytes) {
-  int device = 0, optin = 0;
-  KVTRIM_CUDA_TRY(cudaGetDevice(&device));
-  KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  bytes = optin;
-  return status::success;
-}
-
 //! The tensor-core passes' shape on the current device: not_supported below sm_80 (bf16
 //! mma.sync, ldmatrix, cp.async) or where no shape's shared memory fits at head dim d.
 [[nodiscard]] inline status tensor_core_shape(int32_t head_dim, mma_shape& shape) {
-  int device = 0, major = 0;
+  int device = 0, major = 0, smem_optin = 0;
   KVTRIM_CUDA_TRY(cudaGetDevice(&device));
   KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 8) return status::not_supported;
-  int64_t optin = 0;
-  if (const status s = smem_optin(optin); s != status::success) return s;
-  shape = mma_shape_for(head_dim, optin);
+  KVTRIM_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  shape = mma_shape_for(head_dim, smem_optin);
   return shape.keys > 0 ? status::success : status::not_supported;
+}
+
+//! What `math` (exact, tensor_cores or automatic) runs as on the current device, in `runs`,
+//! with the tensor-core shape where that is tensor_cores: `automatic` falls back to exact
+//! where tensor cores do not apply; an explicit tensor_cores the device cannot run gives
+//! not_supported (or the runtime's error).
+template <kv_element T>
+[[nodiscard]] status resolve_math(window_math math, int32_t head_dim, window_math& runs, mma_shape& shape) {
+  runs = window_math::exact;
+  if (math == window_math::exact) return status::success;
+  const bool automatic = math == window_math::automatic;
+  if (check_math<T>(window_math::tensor_cores, head_dim) != status::success)
+    return automatic ? status::success : status::not_supported;
+  const status s = tensor_core_shape(head_dim, shape);
+  if (s == status::success) runs = window_math::tensor_cores;
+  return automatic ? status::success : s;
 }
 }  // namespace detail
 
@@ -170,11 +176,10 @@ inline constexpr mma_shape mma_shapes[] = {{128, 128, 3}, {128, 128, 2}, {64, 12
 template <kv_element T>
 [[nodiscard]] window_math resolved_math(window_math math, int32_t head_dim) {
   if (math != window_math::automatic) return math;
+  window_math runs = window_math::exact;
   detail::mma_shape shape;
-  return check_math<T>(window_math::tensor_cores, head_dim) == status::success &&
-                 detail::tensor_core_shape(head_dim, shape) == status::success
-             ? window_math::tensor_cores
-             : window_math::exact;
+  (void)detail::resolve_math<T>(math, head_dim, runs, shape);  // automatic reports no failure
+  return runs;
 }
 
 template <kv_element T>
@@ -206,11 +211,11 @@ inline constexpr int32_t window_keys = 64;     // keys per tile
 inline constexpr int32_t key_pitch = window_keys + 4;
 inline constexpr int32_t prob_pitch = window_keys + 1;
 [[nodiscard]] constexpr int32_t window_threads_for(int32_t pairs) noexcept { return pairs / 4 * (window_keys / 8); }
+//! Splits are whole tiles of either path (64 keys exact, 64 or 128 with tensor cores).
+inline constexpr int32_t split_granule = 128;
 //! Pooling sorts every head's slots by position in one device-wide sort: key = head << 32 |
 //! position (a non-negative int32), slots past the head's length padded with position bits
 //! all ones, so each head's slots stay in its stride-long segment, in position order.
-//! Splits are whole tiles of either path (64 keys exact, 64 or 128 with tensor cores).
-inline constexpr int32_t split_granule = 128;
 [[nodiscard]] constexpr int32_t position_key_end_bit(int64_t heads) noexcept { return 32 + bits_for(heads); }
 
 struct window_layout {
@@ -291,13 +296,14 @@ struct window_params {
 };
 
 //! Decodes blockIdx.z = (b * layer_count + l') and blockIdx.y = h into the flat head and the
-//! workspace head index.
+//! workspace head index, and blockIdx.x into the CTA's split of the head's keys.
 template <kv_element T>
 struct window_head {
   int32_t b, layer, h;
   int64_t head;   // mirror index
   int64_t index;  // workspace index [batch][layer_count][H]
   int32_t length;
+  int32_t begin, end;  // the split: keys [begin, end), empty past the head's length
 };
 template <kv_element T>
 __device__ __forceinline__ window_head<T> window_head_of(const window_params<T>& p) {
@@ -309,6 +315,8 @@ __device__ __forceinline__ window_head<T> window_head_of(const window_params<T>&
   w.head = a.pool.head_index(a.rows[w.b], w.layer, w.h);
   w.index = static_cast<int64_t>(blockIdx.z) * a.pool.heads + w.h;
   w.length = a.pool.lengths[w.head];
+  w.begin = static_cast<int32_t>(blockIdx.x) * p.layout.split_keys;
+  w.end = min(w.length, w.begin + p.layout.split_keys);
   return w;
 }
 
@@ -652,8 +660,6 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
   const window_head<T> wh = window_head_of(p);
   const int32_t warp = static_cast<int32_t>(threadIdx.x) / 32, lane = static_cast<int32_t>(threadIdx.x) % 32;
   const int32_t quad = lane % 4, row0 = 16 * warp + lane / 4;  // this lane's rows: row0 and row0 + 8
-  const int32_t begin = blockIdx.x * l.split_keys;
-  const int32_t end = min(wh.length, begin + l.split_keys);
   const auto term_bytes = static_cast<uint32_t>(mma_window::term_bytes(s.d, s.pairs));
   for (int32_t first = 0; first < l.pairs; first += s.pairs) {
     const int32_t count = min(s.pairs, l.pairs - first);
@@ -663,7 +669,7 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
     const int32_t qpos[2] = {s.qpos()[row0], s.qpos()[row0 + 8]};
     float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};  // sum: this lane's keys only
     const uint32_t a_addr = a_rows_address(shared_address(s.term(0)), 16 * warp, ld, lane);
-    for_each_mma_tile(a.pool, wh.head, begin, end, s, [&](int32_t stage, int32_t, int32_t) {
+    for_each_mma_tile(a.pool, wh.head, wh.begin, wh.end, s, [&](int32_t stage, int32_t, int32_t) {
       if (!live) return;
       float acc[n_tiles][4] = {};
       const uint32_t b_addr = b_rows_address(s.tile_address(stage), ld, lane);
@@ -739,8 +745,6 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
   const window_head<T> wh = window_head_of(p);
   const int32_t warp = static_cast<int32_t>(threadIdx.x) / 32, lane = static_cast<int32_t>(threadIdx.x) % 32;
   const int32_t quad = lane % 4, key0 = 16 * warp + lane / 4;  // this lane's keys: key0 and key0 + 8
-  const int32_t begin = blockIdx.x * l.split_keys;
-  const int32_t end = min(wh.length, begin + l.split_keys);
   const auto term_bytes = static_cast<uint32_t>(mma_window::term_bytes(s.d, s.pairs));
   const bool squared = a.metric.squared;
   const int32_t w = a.window;
@@ -756,7 +760,7 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
     const uint32_t b_addr = b_rows_address(shared_address(s.term(0)), ld, lane);
     // Query heads whose rows this block holds: [g_first, g_last].
     const int32_t g_first = first / w, g_last = (first + count - 1) / w;
-    for_each_mma_tile(a.pool, wh.head, begin, end, s, [&](int32_t stage, int32_t base, int32_t keys) {
+    for_each_mma_tile(a.pool, wh.head, wh.begin, wh.end, s, [&](int32_t stage, int32_t base, int32_t keys) {
       if (16 * warp >= keys) return;  // warp-uniform: the tile's last keys
       float acc[n_tiles][4] = {};     // rows: keys key0 (acc[n][0, 1]) and key0 + 8 (acc[n][2, 3])
       const uint32_t a_addr = a_rows_address(s.tile_address(stage), 16 * warp, ld, lane);
@@ -830,8 +834,7 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(
   const window_head<T> wh = window_head_of(p);
   const window_smem_view sm = exact_logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
-  const int32_t begin = blockIdx.x * l.split_keys;
-  const int32_t end = min(wh.length, begin + l.split_keys);
+  const int32_t begin = wh.begin, end = wh.end;
   for (int32_t first = 0; first < l.pairs; first += exact_logits::pairs) {
     const int32_t count = min(exact_logits::pairs, l.pairs - first);
     float m[4], s[4];
@@ -923,8 +926,7 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_probs_kernel(
   const window_head<T> wh = window_head_of(p);
   const window_smem_view sm = exact_logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
-  const int32_t begin = blockIdx.x * l.split_keys;
-  const int32_t end = min(wh.length, begin + l.split_keys);
+  const int32_t begin = wh.begin, end = wh.end;
   const bool squared = a.metric.squared;
   for (int32_t first = 0; first < l.pairs; first += exact_logits::pairs) {
     const int32_t count = min(exact_logits::pairs, l.pairs - first);
@@ -980,14 +982,6 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_probs_kernel(
       }
     }
   }
-}
-
-//! Sets a kernel's dynamic shared memory limit where it needs more than the default 48 KiB.
-template <class Kernel>
-[[nodiscard]] status allow_smem(Kernel* kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    KVTRIM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  return status::success;
 }
 
 [[nodiscard]] inline dim3 window_grid(const window_layout& l, int32_t heads, int32_t batch_layers) {
@@ -1139,11 +1133,11 @@ template <kv_element T>
   p.keys_out = w.take<uint64_t>(l.items);
   p.values_in = w.take<int32_t>(l.items);
   p.values_out = w.take<int32_t>(l.items);
-  const window_math math = resolved_math<T>(a.math, a.pool.head_dim);
+  window_math math = window_math::exact;
+  detail::mma_shape shape;
+  if (const status s = detail::resolve_math<T>(a.math, a.pool.head_dim, math, shape); s != status::success) return s;
   if constexpr (std::is_same_v<T, bfloat16>) {  // can_implement refuses tensor_cores for other types
     if (math == window_math::tensor_cores) {
-      detail::mma_shape shape;
-      if (const status s = detail::tensor_core_shape(a.pool.head_dim, shape); s != status::success) return s;
       const status s = shape.keys == 128 ? detail::launch_mma_passes<T, 128>(p, shape, stream)
                                          : detail::launch_mma_passes<T, 64>(p, shape, stream);
       if (s != status::success) return s;
