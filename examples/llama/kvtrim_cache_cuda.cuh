@@ -131,8 +131,10 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
         obs_positions_(static_cast<std::size_t>(observed) * sizeof(int32_t)),
         decode_workspace_(
             std::max(decode_bytes(kvtrim::decode_accumulation::none), decode_bytes(policy_.metric.decode()))),
-        on_device_(kvtrim::cuda::supports<float>(policy_, shape_) == kvtrim::status::success),
-        compress_workspace_(on_device_ ? compress_bytes() : 0) {
+        compress_workspace_(compress_bytes()) {
+    // Every policy of the demo runs on the device (an engine's own allocator would be planned
+    // with cpu::plan over this cache and applied with store_.apply: docs/cuda.md).
+    check_device(kvtrim::cuda::supports<float>(policy_, shape_), "kvtrim::cuda::supports");
     check_device(store_.add_sequence(seq), "kvtrim::device_paged_cache::add_sequence");
   }
 
@@ -165,16 +167,6 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
   //! queries (copied to the device) are its observation window. Freed blocks return to the pool.
   void compress(bool use_observation) {
     const kvtrim::cpu::observation obs = observation(use_observation);
-    if (!on_device_) {
-      // The CUDA backend does not implement this policy (the demo's streaming PyramidKV, whose
-      // allocator policies.hpp defines): kvtrim's CPU planner reads the device cache through
-      // the mover, and the cache applies the plan on the device.
-      kvtrim::cpu::compression_result planned;
-      check_device(kvtrim::cpu::plan(policy_, store_, seq, shape_, obs, 0, shape_.layers, planned),
-                   "kvtrim compression plan");
-      check_device(store_.apply(seq, planned.plan), "kvtrim compression");
-      return;
-    }
     upload(obs_queries_, obs.queries.data(), obs.queries.size_bytes(), "observation queries");
     upload(obs_positions_, obs.positions.data(), obs.positions.size_bytes(), "observation positions");
     const kvtrim::cuda::device_observation device_obs{obs_queries_.as<float>(), obs_positions_.as<int32_t>(),
@@ -223,7 +215,6 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
   device_memory q_, out_;                        // [Hq][d] the step's query and attention output
   device_memory obs_queries_, obs_positions_;    // [L][observed][Hq][d], [observed]
   device_memory decode_workspace_;
-  bool on_device_;  // cuda::supports the policy; otherwise the CPU planner plans for the device cache
   device_memory compress_workspace_;
 };
 

@@ -17,7 +17,6 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <span>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -108,59 +107,6 @@ struct method_traits {
   return floor + (p == protocol::streaming ? t.streaming_headroom : 0);
 }
 
-//! PyramidKV's layer budgets for a cache that is compressed again and again (the streaming
-//! protocol): the pyramid `kvtrim::pyramid_budget` gives a prompt of `context` tokens, frozen,
-//! so lower layers keep more and upper layers less however long the cache is now. A head keeps
-//! min(length, cap(layer)) tokens, protected included. (The preset sizes the pyramid from the
-//! head's current length and, like the reference, gives every layer the uniform C - w while the
-//! head holds fewer than 2 (C - w) tokens, which in streaming it always does.)
-struct context_pyramid_budget {
-  using kvc_concept = kvtrim::budget_allocator_tag;
-  static constexpr kvtrim::allocation_scope scope = kvtrim::allocation_scope::per_layer;
-  static constexpr bool needs_scores = false;
-
-  kvtrim::pyramid_budget pyramid;  //!< C (tokens per head, window included), beta; integer form
-  int32_t context = 512;           //!< the prompt length the pyramid is computed for
-
-  [[nodiscard]] kvtrim::status validate(const kvtrim::attention_shape& shape,
-                                        const kvtrim::protected_set& protect) const noexcept {
-    if (context < 1 || pyramid.form != kvtrim::pyramid_form::integer) return kvtrim::status::invalid_argument;
-    return pyramid.validate(shape, protect);
-  }
-  //! Tokens a head of `layer` keeps, its `window` protected tokens included.
-  [[nodiscard]] int32_t layer_cap(int32_t layer, int32_t layers, int32_t window) const noexcept {
-    return kvtrim::pyramid_integer_select(layer, layers, pyramid.budget.tokens, window, context, pyramid.beta) + window;
-  }
-  [[nodiscard]] kvtrim::status allocate(const kvtrim::candidate_table& table, const kvtrim::allocation_context& ctx,
-                                        std::span<int32_t> select) const {
-    if (select.size() != static_cast<std::size_t>(table.layers()) * static_cast<std::size_t>(table.heads()))
-      return kvtrim::status::shape_mismatch;
-    for (int32_t l = 0; l < table.layers(); ++l)
-      for (int32_t h = 0; h < table.heads(); ++h) {
-        const kvtrim::head_candidates& c = table.at(l, h);
-        const auto prot = static_cast<int32_t>(c.protected_slots.size());
-        const int32_t keep = std::min(c.length, layer_cap(ctx.first_layer + l, ctx.total_layers, ctx.protect.recent));
-        select[static_cast<std::size_t>(l) * static_cast<std::size_t>(table.heads()) + static_cast<std::size_t>(h)] =
-            std::clamp(keep - prot, 0, static_cast<int32_t>(c.ranked.size()));
-      }
-    return kvtrim::status::success;
-  }
-};
-static_assert(kvtrim::budget_allocator<context_pyramid_budget>);
-
-//! PyramidKV under the streaming protocol: the preset's metric and window, frozen layer budgets.
-using streaming_pyramidkv_policy = kvtrim::policy<kvtrim::window_attention, context_pyramid_budget, kvtrim::topk_evictor>;
-
-[[nodiscard]] inline streaming_pyramidkv_policy streaming_pyramidkv(const kvtrim::pyramidkv_policy& preset,
-                                                                    int32_t context) {
-  streaming_pyramidkv_policy p;
-  p.metric = preset.metric;
-  p.allocator = {.pyramid = preset.allocator, .context = context};
-  p.protect = preset.protect;
-  p.schedule = preset.schedule;
-  return p;
-}
-
 //! Calls `f(policy)` with the kvtrim preset of `m` built for `budget` under protocol `p`.
 //! `full` is served by a StreamingLLM policy that is never run.
 //! `context`: the model's context, which PyramidKV's streaming pyramid is computed for.
@@ -173,11 +119,14 @@ decltype(auto) with_policy(method m, int32_t budget, protocol p, F&& f, int32_t 
     case method::h2o: return f(kvtrim::h2o({.budget = b, .recent = h2o_recent(budget)}));
     case method::snapkv:
       return f(kvtrim::snapkv({.budget = b, .window = recent_window, .pool = kvtrim::pooling::max, .kernel = pool_kernel}));
-    case method::pyramidkv: {
-      const kvtrim::pyramidkv_policy preset = kvtrim::pyramidkv({.budget = b, .window = recent_window, .kernel = pool_kernel});
-      if (p == protocol::streaming) return f(streaming_pyramidkv(preset, context));
-      return f(preset);
-    }
+    case method::pyramidkv:
+      // Streaming freezes the pyramid of a full-context prompt: sized from the cache's current
+      // length, as the references do at prefill, it would stay SnapKV's uniform budget, since a
+      // head holds fewer than 2 (C - w) tokens.
+      return f(kvtrim::pyramidkv({.budget = b,
+                                  .window = recent_window,
+                                  .kernel = pool_kernel,
+                                  .context = p == protocol::streaming ? context : 0}));
     case method::ada_kv: return f(kvtrim::ada_kv({.budget = b, .window = recent_window, .kernel = pool_kernel}));
     case method::kv_compress:
       return f(kvtrim::kv_compress({.budget = b,
@@ -212,9 +161,11 @@ struct streaming_limits {
       break;
     case method::pyramidkv:
       with_policy(m, budget, protocol::streaming, [&](const auto& policy) {
-        if constexpr (std::is_same_v<std::decay_t<decltype(policy)>, streaming_pyramidkv_policy>)
+        // A head as long as the context gets its layer's whole share; the +1 is the new token.
+        const int32_t w = policy.protect.recent;
+        if constexpr (std::is_same_v<std::decay_t<decltype(policy)>, kvtrim::pyramidkv_policy>)
           for (int32_t l = 0; l < s.layers; ++l)
-            lim.head[static_cast<std::size_t>(l)] = policy.allocator.layer_cap(l, s.layers, policy.protect.recent) + 1;
+            lim.head[static_cast<std::size_t>(l)] = policy.allocator.nominal_select(l, s.layers, context, w) + w + 1;
       }, context);
       break;
     case method::ada_kv:

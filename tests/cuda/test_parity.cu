@@ -201,6 +201,25 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "
     check_compression<kv::pyramidkv_policy, TestType>(
         kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
   }
+  SECTION("PyramidKV, real form (kvpress)") {
+    check_compression<kv::pyramidkv_policy, TestType>(
+        kv::pyramidkv({.budget = kv::token_budget::of_ratio(0.3f), .window = 8, .form = kv::pyramid_form::real}), model,
+        bs, seed, 8, math);
+  }
+  SECTION("PyramidKV, the frozen pyramid of a 512-token prompt (layer 0 keeps all, layer 1 14)") {
+    check_compression<kv::pyramidkv_policy, TestType>(
+        kv::pyramidkv({.budget = kv::token_budget::of_tokens(128), .window = 8, .context = 512}), model, bs, seed, 8,
+        math);
+  }
+  SECTION("Ada-PyramidKV") {
+    check_compression<kv::ada_pyramidkv_policy, TestType>(
+        kv::ada_pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
+  }
+  SECTION("Ada-PyramidKV, the frozen pyramid of a 512-token prompt") {
+    auto p = kv::ada_pyramidkv({.budget = kv::token_budget::of_tokens(128), .window = 8});
+    p.allocator.base.context = 512;
+    check_compression<kv::ada_pyramidkv_policy, TestType>(p, model, bs, seed, 8, math);
+  }
   SECTION("KV-Compress") {
     check_compression<kv::kv_compress_policy, TestType>(
         kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = bs, .protected_window = 8}), model, bs,
@@ -255,4 +274,42 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens on 
       check_compression<kv::ada_snapkv_policy, TestType>(
           kv::ada_kv({.budget = kv::token_budget::of_tokens(1000), .window = 8}), model, bs, seed, 8, math, {5000, 1});
   }
+}
+
+// What docs/cuda.md tells an engine to do with a policy the device does not implement (here
+// Ada-KV with KVCache-Factory's normalisation): plan on the CPU over the device cache, whose
+// heads the planner reads through the mover, then apply the plan on the device.
+TEMPLATE_TEST_CASE("a policy the device does not run is planned on the CPU and applied on the device", "[cuda]", float,
+                   kv::bfloat16) {
+  const int32_t bs = GENERATE(1, 16);
+  CAPTURE(bs);
+  const kv::attention_shape model{2, 4, 2, 8};
+  const auto policy = kv::ada_kv({.budget = kv::token_budget::of_tokens(48), .window = 8, .normalize = true});
+  REQUIRE(kv::cuda::supports<TestType>(policy, model) == status::not_supported);
+  const int32_t n = 150, rows = 8;
+  const kv::paged_cache_config config{model, bs, model.layers * model.kv_heads * (n / bs + 2), 1, n};
+  twin_caches<TestType> c(config);
+  std::mt19937 rng(31);
+  const int64_t seq = 4;
+  require_ok(c.host.add_sequence(seq));
+  require_ok(c.device.add_sequence(seq));
+  c.append(seq, 0, n, rng);
+  std::vector<float> queries(static_cast<size_t>(model.layers) * rows * model.q_heads * model.head_dim);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (auto& x : queries) x = dist(rng);
+  std::vector<int32_t> positions;
+  for (int32_t r = 0; r < rows; ++r) positions.push_back(n - rows + r);
+  const kv::cpu::observation obs{queries, positions};
+
+  require_ok(kv::cpu::compress(policy, c.host, seq, model, obs));
+  kv::cpu::compression_result planned;
+  require_ok(kv::cpu::plan(policy, c.device, seq, model, obs, 0, model.layers, planned));
+  require_ok(c.device.apply(seq, planned.plan));
+  for (int32_t l = 0; l < model.layers; ++l)
+    for (int32_t h = 0; h < model.kv_heads; ++h) {
+      CAPTURE(l, h);
+      CHECK(c.host.head_length(seq, l, h) < n);  // it did compress
+      CHECK(twin_caches<TestType>::kept_tokens(c.host, seq, l, h) == twin_caches<TestType>::kept_tokens(c.device, seq, l, h));
+    }
+  CHECK(c.host.pool() == c.device.pool());
 }

@@ -1,6 +1,7 @@
 // Budget allocators: the reference formulas, their regimes and quirks.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <numeric>
 #include <vector>
 
@@ -36,6 +37,47 @@ TEST_CASE("pyramid real form follows kvpress", "[cpu][budget]") {
   CHECK(pyramid_real_keep(3, 4, 0.5f, 8, 1000, 20) == 25);
   // min 25 < w 64: falls back to the uniform ratio.
   CHECK(pyramid_real_keep(0, 4, 0.5f, 64, 1000, 20) == 500);
+}
+
+TEST_CASE("pyramid context freezes the pyramid of a prompt of that length", "[cpu][budget]") {
+  // C 35, w 8, beta 20, 5 layers, a 512-token prompt: min 1, max 53, step 13.
+  pyramid_budget p{.budget = token_budget::of_tokens(35), .beta = 20, .form = pyramid_form::integer};
+  p.context = 512;
+  const std::vector<int32_t> full{53, 40, 27, 14, 1};  // the prompt's selections: cap - w
+  for (int32_t l = 0; l < 5; ++l) {
+    CAPTURE(l);
+    CHECK(p.nominal_select(l, 5, 512, 8) == full[static_cast<size_t>(l)]);
+    CHECK(p.nominal_select(l, 5, 4096, 8) == full[static_cast<size_t>(l)]);  // a longer head: the same cap
+    // A 40-token head keeps min(40, cap): everything below layer 2.
+    CHECK(p.nominal_select(l, 5, 40, 8) == std::min(32, full[static_cast<size_t>(l)]));
+  }
+  // Sized from its own length, the same 40-token head is in the uniform regime (C <= n < 2 (C - w)).
+  p.context = 0;
+  for (int32_t l = 0; l < 5; ++l) CHECK(p.nominal_select(l, 5, 40, 8) == 27);
+  // A context below C is uniform too: every layer caps at C.
+  p.context = 20;
+  for (int32_t l = 0; l < 5; ++l) CHECK(p.nominal_select(l, 5, 40, 8) == 27);
+
+  // The real form: keep 0.5 of a 1000-token prompt, w 8, 4 layers keeps 975, 658, 342, 25.
+  pyramid_budget r{.budget = token_budget::of_ratio(0.5f), .beta = 20, .form = pyramid_form::real, .context = 1000};
+  CHECK(r.nominal_select(0, 4, 600, 8) == 592);  // capped by the head's 600 tokens
+  CHECK(r.nominal_select(1, 4, 600, 8) == 592);  // 658 capped too
+  CHECK(r.nominal_select(2, 4, 600, 8) == 334);
+  CHECK(r.nominal_select(3, 4, 600, 8) == 17);
+  r.context = 0;  // from the head's 600 tokens: min 15, max 585
+  CHECK(r.nominal_select(3, 4, 600, 8) == 7);
+
+  // allocate() clips to the candidates: two layers of one 40-token head, nothing protected.
+  const pyramid_budget two{.budget = token_budget::of_tokens(16), .beta = 20, .context = 100};  // min 0, max 32
+  candidate_table t(2, 1);
+  for (int32_t l = 0; l < 2; ++l) {
+    auto& c = t.at(l, 0);
+    c.length = c.next_position = 40;
+    for (int32_t j = 0; j < 40; ++j) c.ranked.push_back({1.f, j, j});
+  }
+  std::vector<int32_t> select(2);
+  REQUIRE(two.allocate(t, {0, 2, {}}, select) == status::success);
+  CHECK(select == std::vector<int32_t>{32, 1});  // layer 1's pyramid share is 0: a head keeps at least one
 }
 
 TEST_CASE("Ada-KV safeguard rounds in float32, half to even", "[cpu][budget]") {

@@ -202,6 +202,11 @@ TEST_CASE("errors: pyramid_budget::validate", "[cpu][errors]") {
   CHECK(a.validate(model, {}) == status::invalid_budget);
   a.budget = token_budget::of_tokens(4);
   CHECK(a.validate(model, {.recent = 8}) == status::budget_below_protected);
+  a.budget = token_budget::of_tokens(16);
+  a.context = -1;  // 0 is the head's own length; a negative prompt length means nothing
+  CHECK(a.validate(model, {.recent = 8}) == status::invalid_argument);
+  a.context = 1;
+  CHECK(a.validate(model, {.recent = 8}) == status::success);
 }
 
 TEST_CASE("errors: pyramid_integer_select of heads past 2^30 tokens does not overflow", "[cpu][errors]") {

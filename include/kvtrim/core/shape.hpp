@@ -45,7 +45,7 @@ struct token_budget {
     return (ratio > 0.f && ratio <= 1.f) ? status::success : status::invalid_budget;
   }
   //! Tokens for a head of n tokens: a ratio keeps `int(n * ratio)`, at least one (kvpress #264).
-  [[nodiscard]] constexpr int32_t resolve(int32_t n) const noexcept {
+  [[nodiscard]] KVTRIM_HOST_DEVICE constexpr int32_t resolve(int32_t n) const noexcept {
     if (kind == unit::tokens) return tokens;
     const auto t = static_cast<int32_t>(static_cast<double>(n) * ratio);
     return t < 1 ? 1 : t;

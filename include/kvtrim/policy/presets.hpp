@@ -90,12 +90,13 @@ struct pyramidkv_options {
   pooling pool = pooling::max;
   int32_t kernel = 7;
   gqa_reduce reduce = gqa_reduce::mean;
+  int32_t context = 0;  //!< > 0: the pyramid of a prompt this long, frozen (pyramid_budget::context)
 };
 using pyramidkv_policy = policy<window_attention, pyramid_budget, topk_evictor>;
 [[nodiscard]] inline pyramidkv_policy pyramidkv(const pyramidkv_options& o = {}) {
   pyramidkv_policy p;
   p.metric = snapkv_window_score(query_aggregation::sum, o.pool, o.kernel, o.reduce);
-  p.allocator = {.budget = o.budget, .beta = o.beta, .form = o.form};
+  p.allocator = {.budget = o.budget, .beta = o.beta, .form = o.form, .context = o.context};
   p.protect = {.sinks = 0, .recent = o.window};
   return p;
 }

@@ -65,9 +65,7 @@ inline status device_budget_of(const uniform_budget& u, device_budget& d) {
 }
 inline status device_budget_of(const pyramid_budget& p, device_budget& d) {
   d.type = device_budget::kind::pyramid;
-  d.budget = p.budget;
-  d.beta = p.beta;
-  d.form = p.form;
+  d.pyramid = p;
   return status::success;
 }
 template <base_budget Base>

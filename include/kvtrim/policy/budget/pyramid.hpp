@@ -3,7 +3,6 @@
 //! PyramidKV (§4): lower layers keep more, upper layers less, an arithmetic sequence whose
 //! mean is the uniform budget, so the total matches SnapKV at the same budget.
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -42,16 +41,17 @@ enum class pyramid_form : uint8_t {
   return static_cast<int32_t>(max_num - layer * step);
 }
 
-//! Pure formula of the real form: tokens kept (window included) for keep-ratio `r`.
-[[nodiscard]] inline int32_t pyramid_real_keep(int32_t layer, int32_t layers, float r, int32_t w, int32_t n,
-                                               int32_t beta) noexcept {
+//! Pure formula of the real form: tokens kept (window included) for keep-ratio `r`. `rint`
+//! rounds half to even, as Python's round() in the reference, on the host and the device alike.
+[[nodiscard]] KVTRIM_HOST_DEVICE inline int32_t pyramid_real_keep(int32_t layer, int32_t layers, float r, int32_t w,
+                                                                  int32_t n, int32_t beta) noexcept {
   const double c = static_cast<double>(w) + static_cast<double>(n) * r;
   const double min_num = (c - w) / beta;
   const double max_num = (c - w) * 2 - min_num;
   if (!(n >= max_num && max_num >= min_num && min_num >= w) || layers < 2)
-    return static_cast<int32_t>(std::nearbyint(static_cast<double>(n) * r));
+    return static_cast<int32_t>(rint(static_cast<double>(n) * r));
   const double step = (max_num - min_num) / (layers - 1);
-  return static_cast<int32_t>(std::nearbyint(max_num - layer * step));
+  return static_cast<int32_t>(rint(max_num - layer * step));
 }
 
 struct pyramid_budget {
@@ -62,11 +62,16 @@ struct pyramid_budget {
   token_budget budget = token_budget::of_tokens(512);  //!< mean per head, protected included
   int32_t beta = 20;
   pyramid_form form = pyramid_form::integer;
+  //! 0: each compression sizes the pyramid from the head's current length, as the references
+  //! do at prefill. > 0: the pyramid of a `context`-token prompt, frozen, of which a head keeps
+  //! at most its layer's share: for caches compressed again and again while they grow (AdaKV's
+  //! `pyram_mode` likewise sizes it once, at the first prefill).
+  int32_t context = 0;
 
   [[nodiscard]] status validate(const attention_shape& shape, const protected_set& protect) const noexcept {
     if (const status s = shape.validate(); s != status::success) return s;
     if (const status s = budget.validate(); s != status::success) return s;
-    if (beta < 1) return status::invalid_argument;
+    if (beta < 1 || context < 0) return status::invalid_argument;
     if (form == pyramid_form::integer && budget.kind != token_budget::unit::tokens) return status::invalid_budget;
     if (form == pyramid_form::real && budget.kind != token_budget::unit::ratio) return status::invalid_budget;
     if (budget.kind == token_budget::unit::tokens && budget.tokens < protect.size())
@@ -74,12 +79,20 @@ struct pyramid_budget {
     return status::success;
   }
 
-  [[nodiscard]] int32_t nominal_select(int32_t layer, int32_t layers, int32_t length,
-                                       int32_t protected_count) const noexcept {
-    if (form == pyramid_form::integer)
-      return pyramid_integer_select(layer, layers, budget.tokens, protected_count, length, beta);
-    return std::max(1, pyramid_real_keep(layer, layers, budget.ratio, protected_count, length, beta)) -
-           protected_count;
+  //! Candidates a head of `length` tokens, `protected_count` of them protected, selects in
+  //! `layer`, before clipping to what it has. The device backend calls it too.
+  [[nodiscard]] KVTRIM_HOST_DEVICE int32_t nominal_select(int32_t layer, int32_t layers, int32_t length,
+                                                          int32_t protected_count) const noexcept {
+    const int32_t n = context > 0 ? context : length;
+    int32_t keep;  // tokens kept, protected included
+    if (form == pyramid_form::integer) {
+      keep = pyramid_integer_select(layer, layers, budget.tokens, protected_count, n, beta) + protected_count;
+    } else {
+      keep = pyramid_real_keep(layer, layers, budget.ratio, protected_count, n, beta);
+      keep = keep < 1 ? 1 : keep;
+    }
+    if (context > 0 && keep > length) keep = length;  // the frozen pyramid caps, never adds
+    return keep - protected_count;
   }
 
   [[nodiscard]] status allocate(const candidate_table& table, const allocation_context& ctx,

@@ -46,9 +46,12 @@ struct uniform_budget {
   }
 
   //! Candidates a head of `length` tokens, `protected_count` of them protected, should keep,
-  //! before clipping to what it has (C - w: a head no longer than C keeps everything).
-  [[nodiscard]] int32_t nominal_select(int32_t, int32_t, int32_t length, int32_t protected_count) const noexcept {
-    return std::max(0, budget.resolve(length) - protected_count);
+  //! before clipping to what it has (C - w: a head no longer than C keeps everything). The
+  //! device backend calls it too.
+  [[nodiscard]] KVTRIM_HOST_DEVICE int32_t nominal_select(int32_t, int32_t, int32_t length,
+                                                          int32_t protected_count) const noexcept {
+    const int32_t select = budget.resolve(length) - protected_count;
+    return select > 0 ? select : 0;
   }
 
   [[nodiscard]] status allocate(const candidate_table& table, const allocation_context& ctx,

@@ -56,10 +56,9 @@ enum class score_source : uint8_t {
 struct device_budget {
   enum class kind : uint8_t { uniform, pyramid, adaptive, global_blocks };
   kind type = kind::uniform;
-  token_budget budget = token_budget::of_tokens(1);  //!< uniform / pyramid / adaptive base / global
+  token_budget budget = token_budget::of_tokens(1);  //!< uniform / adaptive base / global
+  pyramid_budget pyramid{};                          //!< pyramid / adaptive base
   bool base_is_pyramid = false;                      //!< adaptive: base budget is pyramid_budget
-  int32_t beta = 20;
-  pyramid_form form = pyramid_form::integer;
   float alpha = 0.2f;
   int32_t skip_layers = 0;
   int32_t block_size = 16;       //!< global_blocks
@@ -387,30 +386,12 @@ __global__ void __launch_bounds__(Threads) rank_keys_kernel(const __grid_constan
   if (threadIdx.x % 32 == 0 && protected_here > 0) atomicAdd(&p.protect[hi], protected_here);
 }
 
-//! Candidates head (layer, n, P) would keep under a uniform / pyramid budget, before clipping.
+//! Candidates head (layer, n, P) would keep under a uniform / pyramid budget, before clipping:
+//! the host allocators' own nominal_select, so both backends size heads by the same code.
 __device__ __forceinline__ int32_t nominal_select(const device_budget& d, bool pyramid, int32_t layer, int32_t layers,
                                                   int32_t n, int32_t protect) {
-  if (!pyramid) {
-    int32_t t = d.budget.tokens;
-    if (d.budget.kind == token_budget::unit::ratio) {
-      t = static_cast<int32_t>(static_cast<double>(n) * d.budget.ratio);
-      t = t < 1 ? 1 : t;
-    }
-    return max(0, t - protect);
-  }
-  if (d.form == pyramid_form::integer) return pyramid_integer_select(layer, layers, d.budget.tokens, protect, n, d.beta);
-  // pyramid_real_keep, in double as on the host.
-  const double c = static_cast<double>(protect) + static_cast<double>(n) * d.budget.ratio;
-  const double min_num = (c - protect) / d.beta;
-  const double max_num = (c - protect) * 2 - min_num;
-  int32_t keep;
-  if (!(n >= max_num && max_num >= min_num && min_num >= protect) || layers < 2) {
-    keep = static_cast<int32_t>(rint(static_cast<double>(n) * d.budget.ratio));
-  } else {
-    const double step = (max_num - min_num) / (layers - 1);
-    keep = static_cast<int32_t>(rint(max_num - layer * step));
-  }
-  return max(1, keep) - protect;
+  if (pyramid) return d.pyramid.nominal_select(layer, layers, n, protect);
+  return uniform_budget{d.budget}.nominal_select(layer, layers, n, protect);
 }
 
 //! min_candidates (plan/candidates.hpp) from the counts: a non-empty head with nothing
