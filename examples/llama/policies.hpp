@@ -62,7 +62,8 @@ struct method_traits {
   bool observe_in_streaming = false;    //!< streaming compressions pass the recent queries
   bool accumulate_in_prefill = false;   //!< decode attention accumulates during the prompt
   //! Tokens per (layer, KV head) the streaming protocol compresses to, below the budget, so
-  //! the steps until the next compression fit: 1 (the new token) or a KV-Compress block.
+  //! the steps until the next compression fit: 1 (the new token), 2 for Ada-KV's rounding, or
+  //! a KV-Compress block.
   int32_t streaming_headroom = 1;
   int32_t protected_tokens = 0;         //!< sinks + recent window the budget must exceed
 };
@@ -77,8 +78,12 @@ struct method_traits {
       return {.accumulate_in_prefill = true, .protected_tokens = 1};  // h2o_recent(budget) >= 1
     case method::snapkv:
     case method::pyramidkv:
-    case method::ada_kv:
       return {.observed = recent_window, .observe_in_streaming = true, .protected_tokens = recent_window};
+    case method::ada_kv:
+      // Ada-KV's safeguard rounds each head's share to the nearest token, which can put a layer
+      // up to Hkv / 2 tokens over its total: a second token of headroom per head absorbs that.
+      return {.observed = recent_window, .observe_in_streaming = true, .streaming_headroom = 2,
+              .protected_tokens = recent_window};
     case method::kv_compress:
       // Prefill metric from the last 8 queries (pooled p^2); decode steps then add p^2.
       return {.observed = kvc_observed_queries, .observe_in_streaming = false,

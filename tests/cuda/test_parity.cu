@@ -313,3 +313,61 @@ TEMPLATE_TEST_CASE("a policy the device does not run is planned on the CPU and a
     }
   CHECK(c.host.pool() == c.device.pool());
 }
+
+// Ada-KV on heads an earlier compression left unequal (the streaming case): head 0 of each
+// layer holds every third token, fewer candidates than its base, head 1 all of them; the layer
+// still holds more than its total, so the heads share it by score (adaptive_budget's rule).
+TEMPLATE_TEST_CASE("Ada-KV on the device shares a layer between heads of different lengths as the CPU does", "[cuda]",
+                   float, kv::bfloat16) {
+  const int32_t bs = GENERATE(1, 16);
+  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({41u, 42u})));
+  CAPTURE(bs, seed);
+  const kv::attention_shape model{2, 4, 2, 8};
+  const int32_t n = 150, rows = 8;
+  const kv::paged_cache_config config{model, bs, model.layers * model.kv_heads * (n / bs + 2), 1, n};
+  twin_caches<TestType> c(config);
+  std::mt19937 rng(seed);
+  const int64_t seq = 6;
+  require_ok(c.host.add_sequence(seq));
+  require_ok(c.device.add_sequence(seq));
+  c.append(seq, 0, n, rng);
+  kv::eviction_plan thinned(model.layers, model.kv_heads);
+  std::vector<int32_t> every_third, all;
+  for (int32_t j = 0; j < n; ++j) {
+    all.push_back(j);
+    if (j % 3 == 0) every_third.push_back(j);
+  }
+  for (int32_t l = 0; l < model.layers; ++l) {
+    thinned.set_head(l, 0, n, every_third);
+    thinned.set_head(l, 1, n, all);
+  }
+  require_ok(c.host.apply(seq, thinned));
+  require_ok(c.device.apply(seq, thinned));
+
+  // Base 56 per head: head 0 has at most 50 candidates, the layer about 190.
+  const auto policy = kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = rows});
+  std::vector<float> queries(static_cast<size_t>(model.layers) * rows * model.q_heads * model.head_dim);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (auto& x : queries) x = dist(rng);
+  std::vector<int32_t> positions;
+  for (int32_t r = 0; r < rows; ++r) positions.push_back(n - rows + r);
+  require_ok(kv::cpu::compress(policy, c.host, seq, model, {queries, positions}));
+  device_memory dq(queries.size() * sizeof(float)), dp(positions.size() * sizeof(int32_t));
+  upload(dq, queries);
+  upload(dp, positions);
+  const kv::cuda::device_observation obs{dq.as<float>(), dp.as<int32_t>(), rows};
+  const std::vector<int64_t> seqs{seq};
+  device_memory ws(kv::cuda::compress_workspace_size(policy, c.device, model, 1, rows));
+  require_ok(kv::cuda::compress(policy, c.device, seqs, model, obs, ws.as<void>(), ws.bytes(), nullptr));
+  for (int32_t l = 0; l < model.layers; ++l) {
+    CAPTURE(l);
+    // Head 1 is cut below its 150 tokens and the layer to about its total of 128.
+    CHECK(c.host.head_length(seq, l, 1) < n);
+    CHECK(c.host.head_length(seq, l, 0) + c.host.head_length(seq, l, 1) <= 128 + 2);
+    for (int32_t h = 0; h < model.kv_heads; ++h) {
+      CAPTURE(h);
+      CHECK(twin_caches<TestType>::kept_tokens(c.host, seq, l, h) == twin_caches<TestType>::kept_tokens(c.device, seq, l, h));
+    }
+  }
+  CHECK(c.host.pool() == c.device.pool());
+}

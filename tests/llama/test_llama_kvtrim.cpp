@@ -113,7 +113,9 @@ TEST_CASE("streaming: every step attends to at most the budget, and the cache is
           "[llama][kvtrim][streaming]") {
   const llama::checkpoint& m = model();
   const std::vector<int>& w = windows().front();
-  const int budget = GENERATE(36, 68);
+  // 39: Ada-KV's safeguard rounds its first compression's layers over their total (regression:
+  // one token of headroom per head did not absorb it).
+  const int budget = GENERATE(36, 39, 68);
   const std::int64_t heads = 5 * 4;
   for (const llama::method meth : all_methods) {
     CAPTURE(std::string(llama::to_string(meth)), budget);

@@ -127,6 +127,23 @@ TEST_CASE("Ada-KV leaves a layer alone when the base exceeds the candidates", "[
   CHECK(select == std::vector<int32_t>{3, 3});
 }
 
+TEST_CASE("Ada-KV shares a layer's total between heads an earlier compression left unequal", "[cpu][budget]") {
+  // Base 4 per head: head 0 has 3 candidates, head 1 has 9. Together they hold more than the
+  // layer's 8, so the global top-8 decides: head 0's three strong tokens and five of head 1's.
+  const auto t = table_of({{9, 8, 7}, {1, 1, 1, 1, 1, 1, 1, 1, 1}});
+  adaptive_budget<> ada;
+  ada.base.budget = token_budget::of_tokens(4);
+  ada.alpha = 0.f;
+  std::vector<int32_t> select(2);
+  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
+  CHECK(select == std::vector<int32_t>{3, 5});
+  // A head that earns more than the safeguard lets it hold keeps what it has: alpha 0.5 gives
+  // round(3 * 0.5 + 2) = 4 for head 0's 3 candidates.
+  ada.alpha = 0.5f;
+  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
+  CHECK(select == std::vector<int32_t>{3, 4});  // head 1: round(5 * 0.5 + 2) = 4 (half to even)
+}
+
 TEST_CASE("global block budget evicts the cheapest whole blocks across heads and layers", "[cpu][budget]") {
   // Two heads of 8 tokens, block size 2, budget 4 tokens per head: 8 blocks -> 4, evict 4.
   // Head 0 scores 0..7, head 1 scores 10..17: the cheapest blocks are head 0's, but a head

@@ -74,14 +74,19 @@ struct adaptive_budget {
     const int32_t heads = table.heads();
     const int32_t layer = ctx.first_layer + l;
     std::vector<int32_t> bases(static_cast<size_t>(heads));
-    bool compress = true;
+    int64_t total = 0, candidates = 0;
     for (int32_t h = 0; h < heads; ++h) {
       const head_candidates& c = table.at(l, h);
       bases[static_cast<size_t>(h)] =
           base.nominal_select(layer, ctx.total_layers, c.length, static_cast<int32_t>(c.protected_slots.size()));
-      // The reference compresses a layer only if the base fits the candidates (base <= n - w).
-      if (bases[static_cast<size_t>(h)] > static_cast<int32_t>(c.ranked.size())) compress = false;
+      total += bases[static_cast<size_t>(h)];
+      candidates += static_cast<int64_t>(c.ranked.size());
     }
+    // The reference compresses a layer only if the base fits the candidates (base <= n - w),
+    // its heads all holding the prompt. Heads compressed before hold different counts: the
+    // layer compresses when the bases together fit, so a head below its base still shares the
+    // layer's total by score instead of sending the layer back to uniform budgets.
+    const bool compress = total <= candidates;
     if (!compress || layer < skip_layers) {
       for (int32_t h = 0; h < heads; ++h)
         select[static_cast<size_t>(h)] = std::clamp(bases[static_cast<size_t>(h)], min_candidates(table.at(l, h)),
@@ -89,11 +94,9 @@ struct adaptive_budget {
       return status::success;
     }
     std::vector<entry> all;
-    int64_t total = 0;
     for (int32_t h = 0; h < heads; ++h) {
       const auto& ranked = table.at(l, h).ranked;
       const int32_t b = bases[static_cast<size_t>(h)];
-      total += b;
       float factor = 1.f;
       if (normalize) {  // head's sorted scores times sum(top base) / sum(all), in float32
         double top = 0.0, sum = 0.0;

@@ -433,10 +433,10 @@ __global__ void adaptive_prepare_kernel(const __grid_constant__ plan_params<T> p
     const int32_t base = nominal_select(a.budget, a.budget.base_is_pyramid, layer, a.pool.layers, n, prot);
     p.select[hi] = base;  // the base, until the allocation below replaces it
     p.earned[hi] = 0;
-    if (base > n - prot) compress = false;
     total += base;
     candidates += n - prot;
   }
+  compress = compress && total <= candidates;  // adaptive_budget's rule
   p.group_flag[g] = compress ? 1 : 0;
   p.group_total[g] = compress ? static_cast<int32_t>(total) : 0;
   const adaptive_select_state& st = p.select_state;
