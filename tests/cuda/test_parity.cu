@@ -201,24 +201,29 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens", "
     check_compression<kv::pyramidkv_policy, TestType>(
         kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
   }
+  // Budget variants whose kernels the sections above launch too: racecheck's tier skips them.
+  const bool budget_variants = quick_level() < 2;
   SECTION("PyramidKV, real form (kvpress)") {
-    check_compression<kv::pyramidkv_policy, TestType>(
-        kv::pyramidkv({.budget = kv::token_budget::of_ratio(0.3f), .window = 8, .form = kv::pyramid_form::real}), model,
-        bs, seed, 8, math);
+    if (budget_variants)
+      check_compression<kv::pyramidkv_policy, TestType>(
+          kv::pyramidkv({.budget = kv::token_budget::of_ratio(0.3f), .window = 8, .form = kv::pyramid_form::real}),
+          model, bs, seed, 8, math);
   }
   SECTION("PyramidKV, the frozen pyramid of a 512-token prompt (layer 0 keeps all, layer 1 14)") {
-    check_compression<kv::pyramidkv_policy, TestType>(
-        kv::pyramidkv({.budget = kv::token_budget::of_tokens(128), .window = 8, .context = 512}), model, bs, seed, 8,
-        math);
+    if (budget_variants)
+      check_compression<kv::pyramidkv_policy, TestType>(
+          kv::pyramidkv({.budget = kv::token_budget::of_tokens(128), .window = 8, .context = 512}), model, bs, seed, 8,
+          math);
   }
   SECTION("Ada-PyramidKV") {
-    check_compression<kv::ada_pyramidkv_policy, TestType>(
-        kv::ada_pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
+    if (budget_variants)
+      check_compression<kv::ada_pyramidkv_policy, TestType>(
+          kv::ada_pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, bs, seed, 8, math);
   }
   SECTION("Ada-PyramidKV, the frozen pyramid of a 512-token prompt") {
     auto p = kv::ada_pyramidkv({.budget = kv::token_budget::of_tokens(128), .window = 8});
     p.allocator.base.context = 512;
-    check_compression<kv::ada_pyramidkv_policy, TestType>(p, model, bs, seed, 8, math);
+    if (budget_variants) check_compression<kv::ada_pyramidkv_policy, TestType>(p, model, bs, seed, 8, math);
   }
   SECTION("KV-Compress") {
     check_compression<kv::kv_compress_policy, TestType>(
@@ -282,6 +287,7 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens on 
 TEMPLATE_TEST_CASE("a policy the device does not run is planned on the CPU and applied on the device", "[cuda]", float,
                    kv::bfloat16) {
   const int32_t bs = GENERATE(1, 16);
+  if (quick_level() >= 2 && bs != 16) return;  // racecheck's tier (keep_shape)
   CAPTURE(bs);
   const kv::attention_shape model{2, 4, 2, 8};
   const auto policy = kv::ada_kv({.budget = kv::token_budget::of_tokens(48), .window = 8, .normalize = true});
@@ -320,6 +326,7 @@ TEMPLATE_TEST_CASE("a policy the device does not run is planned on the CPU and a
 TEMPLATE_TEST_CASE("Ada-KV on the device shares a layer between heads of different lengths as the CPU does", "[cuda]",
                    float, kv::bfloat16) {
   const int32_t bs = GENERATE(1, 16);
+  if (quick_level() >= 2 && bs != 16) return;  // racecheck's tier (keep_shape)
   const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({41u, 42u})));
   CAPTURE(bs, seed);
   const kv::attention_shape model{2, 4, 2, 8};
@@ -344,7 +351,9 @@ TEMPLATE_TEST_CASE("Ada-KV on the device shares a layer between heads of differe
   require_ok(c.host.apply(seq, thinned));
   require_ok(c.device.apply(seq, thinned));
 
-  // Base 56 per head: head 0 has at most 50 candidates, the layer about 190.
+  // Bases C - P: head 0's 48 candidates (2 of its tokens are in the window) are fewer than its
+  // base of 62; the layer's 190 are more than its 118. The CPU keeps 50 + 75 (the old per-head
+  // rule: 50 + 64).
   const auto policy = kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = rows});
   std::vector<float> queries(static_cast<size_t>(model.layers) * rows * model.q_heads * model.head_dim);
   std::normal_distribution<float> dist(0.f, 1.f);
