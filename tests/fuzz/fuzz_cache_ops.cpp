@@ -355,6 +355,8 @@ class cache_run {
     return kernels[in_.byte() % 12];
   }
   pooling pool() { return static_cast<pooling>(in_.byte() % 3); }
+  //! pyramid_budget::context: mostly 0 (the head's length), else a prompt length or an edge.
+  int32_t context() { return in_.chance(64) ? in_.int32_edge(0, 64) : 0; }
   gqa_reduce reduce() { return in_.chance(16) ? gqa_reduce::per_query_head : static_cast<gqa_reduce>(in_.byte() % 3); }
 
   //! The shared fields of every policy: position mode, RoPE, schedule.
@@ -390,7 +392,7 @@ class cache_run {
       case 3: {
         auto p = pyramidkv({.budget = budget(), .window = small(6), .beta = in_.int32_edge(1, 24),
                             .form = in_.chance(64) ? pyramid_form::real : pyramid_form::integer, .pool = pool(),
-                            .kernel = kernel(), .reduce = reduce()});
+                            .kernel = kernel(), .reduce = reduce(), .context = context()});
         extras(p);
         return run_policy("pyramidkv", p);
       }
@@ -405,6 +407,7 @@ class cache_run {
         const ada_kv_options o{.budget = budget(), .window = small(6), .alpha = in_.real(), .normalize = in_.chance(64),
                                .skip_layers = small(3), .pool = pool(), .kernel = kernel(), .reduce = reduce()};
         auto p = ada_pyramidkv(o, in_.int32_edge(1, 24));
+        p.allocator.base.context = context();
         extras(p);
         return run_policy("ada_pyramidkv", p);
       }

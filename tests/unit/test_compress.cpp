@@ -114,6 +114,30 @@ TEST_CASE("compressing twice with the same observation changes nothing more", "[
   CHECK(fixtures::take_snapshot(f.cache) == once);
 }
 
+TEST_CASE("a frozen pyramid keeps each layer's share of it where the head's own length would not", "[cpu][compress]") {
+  // C 16, w 4, 3 layers: the pyramid of a 200-token prompt selects 24, 12, 0, so heads keep
+  // up to 28, 16, 4. A 20-token head is below 2 (C - w) = 24, where the head's own pyramid is
+  // SnapKV's uniform 16.
+  auto frozen = fixtures::make_cache(model, 20, 4);
+  const auto p = pyramidkv({.budget = token_budget::of_tokens(16), .window = 4, .context = 200});
+  REQUIRE(cpu::compress(p, frozen.cache, 0, frozen.model, frozen.observation()) == status::success);
+  auto own = fixtures::make_cache(model, 20, 4);
+  REQUIRE(cpu::compress(pyramidkv({.budget = token_budget::of_tokens(16), .window = 4}), own.cache, 0, own.model,
+                        own.observation()) == status::success);
+  const std::vector<int32_t> frozen_lengths{20, 16, 4};
+  for (int32_t l = 0; l < model.layers; ++l)
+    for (int32_t h = 0; h < model.kv_heads; ++h) {
+      CAPTURE(l, h);
+      CHECK(frozen.cache.head_length(0, l, h) == frozen_lengths[static_cast<size_t>(l)]);
+      CHECK(own.cache.head_length(0, l, h) == 16);
+      CHECK(sorted_positions(frozen.cache, l, h).back() == 19);  // the window stays
+    }
+  // Compressing again keeps the same tokens: the caps do not move with the head's length.
+  const auto once = fixtures::take_snapshot(frozen.cache);
+  REQUIRE(cpu::compress(p, frozen.cache, 0, frozen.model, frozen.observation()) == status::success);
+  CHECK(fixtures::take_snapshot(frozen.cache) == once);
+}
+
 TEST_CASE("StreamingLLM keeps the sinks and the most recent tokens", "[cpu][compress]") {
   auto f = fixtures::make_cache(model, 50, 0);
   REQUIRE(cpu::compress(streaming_llm({.budget = token_budget::of_tokens(10), .sinks = 3}), f.cache, 0, f.model, {}) ==
