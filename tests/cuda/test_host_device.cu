@@ -44,6 +44,17 @@ __global__ void rank_kernel(const kv::ranked_token* tokens, int32_t n, uint8_t* 
     for (int32_t j = 0; j < n; ++j) out[i * n + j] = kv::ranks_before(tokens[i], tokens[j]) ? 1 : 0;
 }
 
+//! Runs `kernel(in, n, out)` in one thread and returns its `width` outputs per input.
+template <class I, class O>
+std::vector<O> in_one_thread(void (*kernel)(const I*, int32_t, O*), const std::vector<I>& in, size_t width) {
+  device_memory d_in(in.size() * sizeof(I)), d_out(in.size() * width * sizeof(O));
+  upload(d_in, in);
+  kernel<<<1, 1>>>(d_in.as<I>(), static_cast<int32_t>(in.size()), d_out.as<O>());
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  return download(d_out.as<O>(), in.size() * width);
+}
+
 }  // namespace
 
 TEST_CASE("budget sizing gives the host's counts in a one-thread kernel", "[cuda]") {
@@ -64,11 +75,7 @@ TEST_CASE("budget sizing gives the host's counts in a one-thread kernel", "[cuda
                                  {.budget = kv::token_budget::of_ratio(ratio)}, layer, layers, length, protect});
             }
   const auto n = static_cast<int32_t>(cases.size());
-  device_memory d_cases(cases.size() * sizeof(budget_case)), d_out(cases.size() * 2 * sizeof(int32_t));
-  upload(d_cases, cases);
-  size_heads_kernel<<<1, 1>>>(d_cases.as<budget_case>(), n, d_out.as<int32_t>());
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  const std::vector<int32_t> got = download(d_out.as<int32_t>(), cases.size() * 2);
+  const std::vector<int32_t> got = in_one_thread(size_heads_kernel, cases, 2);
   int mismatched = 0;
   for (int32_t i = 0; i < n; ++i) {
     const budget_case& c = cases[static_cast<size_t>(i)];
@@ -101,11 +108,7 @@ TEST_CASE("fp16 and bf16 rounding gives the host's bits in a kernel, as CUDA's o
                         std::numeric_limits<float>::max(), std::numeric_limits<float>::quiet_NaN()})
     in.push_back(x);
   const auto n = static_cast<int32_t>(in.size());
-  device_memory d_in(in.size() * sizeof(float)), d_out(in.size() * 4 * sizeof(uint16_t));
-  upload(d_in, in);
-  round_kernel<<<1, 1>>>(d_in.as<float>(), n, d_out.as<uint16_t>());
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  const std::vector<uint16_t> got = download(d_out.as<uint16_t>(), in.size() * 4);
+  const std::vector<uint16_t> got = in_one_thread(round_kernel, in, 4);
   int mismatched = 0;
   for (int32_t i = 0; i < n && mismatched <= 5; ++i) {
     const float x = in[static_cast<size_t>(i)];
@@ -132,11 +135,7 @@ TEST_CASE("the tie-break rule orders tokens in a kernel as on the host", "[cuda]
     for (const int32_t position : {0, 7})
       for (const int32_t slot : {3, 4}) tokens.push_back({score, position, slot});
   const auto n = static_cast<int32_t>(tokens.size());
-  device_memory d_tokens(tokens.size() * sizeof(kv::ranked_token)), d_out(tokens.size() * tokens.size());
-  upload(d_tokens, tokens);
-  rank_kernel<<<1, 1>>>(d_tokens.as<kv::ranked_token>(), n, d_out.as<uint8_t>());
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  const std::vector<uint8_t> got = download(d_out.as<uint8_t>(), tokens.size() * tokens.size());
+  const std::vector<uint8_t> got = in_one_thread(rank_kernel, tokens, tokens.size());
   for (int32_t i = 0; i < n; ++i)
     for (int32_t j = 0; j < n; ++j) {
       CAPTURE(i, j);

@@ -101,47 +101,39 @@ candidate_table table_of(const std::vector<std::vector<float>>& heads, int32_t l
     }
   return t;
 }
+//! Ada-KV's counts for a one-layer table: `base` tokens per head, safeguard `alpha`.
+std::vector<int32_t> ada_counts(const candidate_table& t, int32_t base, float alpha) {
+  adaptive_budget<> ada;
+  ada.base.budget = token_budget::of_tokens(base);
+  ada.alpha = alpha;
+  std::vector<int32_t> select(static_cast<size_t>(t.heads()));
+  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
+  return select;
+}
 }  // namespace
 
 TEST_CASE("Ada-KV gives heads with concentrated attention less and the rest more", "[cpu][budget]") {
   // Head 0 has two strong tokens, head 1 is flat: with base 4 per head, the global top-8
   // takes head 0's two strong tokens and six of head 1's.
   const auto t = table_of({{9, 8, 0.1f, 0.1f, 0.1f, 0.1f, 0.1f, 0.1f}, {1, 1, 1, 1, 1, 1, 1, 1}});
-  adaptive_budget<> ada;
-  ada.base.budget = token_budget::of_tokens(4);
-  ada.alpha = 0.f;
-  std::vector<int32_t> select(2);
-  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
-  CHECK(select == std::vector<int32_t>{2, 6});
-  ada.alpha = 0.5f;  // floor int(4 * 0.5) = 2: b = round(n (1 - 0.5) + 2)
-  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
-  CHECK(select == std::vector<int32_t>{3, 5});
+  CHECK(ada_counts(t, 4, 0.f) == std::vector<int32_t>{2, 6});
+  // alpha 0.5: floor int(4 * 0.5) = 2, b = round(n (1 - 0.5) + 2)
+  CHECK(ada_counts(t, 4, 0.5f) == std::vector<int32_t>{3, 5});
 }
 
 TEST_CASE("Ada-KV leaves a layer alone when the base exceeds the candidates", "[cpu][budget]") {
   const auto t = table_of({{3, 2, 1}, {1, 2, 3}});
-  adaptive_budget<> ada;
-  ada.base.budget = token_budget::of_tokens(8);
-  std::vector<int32_t> select(2);
-  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
-  CHECK(select == std::vector<int32_t>{3, 3});
+  CHECK(ada_counts(t, 8, 0.2f) == std::vector<int32_t>{3, 3});
 }
 
 TEST_CASE("Ada-KV shares a layer's total between heads an earlier compression left unequal", "[cpu][budget]") {
   // Base 4 per head: head 0 has 3 candidates, head 1 has 9. Together they hold more than the
   // layer's 8, so the global top-8 decides: head 0's three strong tokens and five of head 1's.
   const auto t = table_of({{9, 8, 7}, {1, 1, 1, 1, 1, 1, 1, 1, 1}});
-  adaptive_budget<> ada;
-  ada.base.budget = token_budget::of_tokens(4);
-  ada.alpha = 0.f;
-  std::vector<int32_t> select(2);
-  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
-  CHECK(select == std::vector<int32_t>{3, 5});
+  CHECK(ada_counts(t, 4, 0.f) == std::vector<int32_t>{3, 5});
   // A head that earns more than the safeguard lets it hold keeps what it has: alpha 0.5 gives
-  // round(3 * 0.5 + 2) = 4 for head 0's 3 candidates.
-  ada.alpha = 0.5f;
-  REQUIRE(ada.allocate(t, {0, 1, {}}, select) == status::success);
-  CHECK(select == std::vector<int32_t>{3, 4});  // head 1: round(5 * 0.5 + 2) = 4 (half to even)
+  // round(3 * 0.5 + 2) = 4 for head 0's 3 candidates; head 1 round(5 * 0.5 + 2) = 4 (half to even).
+  CHECK(ada_counts(t, 4, 0.5f) == std::vector<int32_t>{3, 4});
 }
 
 TEST_CASE("global block budget evicts the cheapest whole blocks across heads and layers", "[cpu][budget]") {
