@@ -197,9 +197,15 @@ struct streaming_limits {
     std::string keeps = std::to_string(t.protected_tokens) + " protected token" +
                         (t.protected_tokens == 1 ? "" : "s") + " per head";
     if (m == method::kv_compress) keeps += " in whole " + std::to_string(kvc_block_size) + "-token blocks";
-    if (p == protocol::streaming)
-      keeps += m == method::kv_compress ? ", plus a block of room for the next tokens"
-                                        : ", plus room for the new token";
+    if (p == protocol::streaming) {
+      if (m == method::kv_compress)
+        keeps += ", plus a block of room for the next tokens";
+      else if (t.streaming_headroom > 1)
+        keeps += ", plus room for the new token and " + std::to_string(t.streaming_headroom - 1) +
+                 " for its safeguard's rounding";
+      else
+        keeps += ", plus room for the new token";
+    }
     return who + " is below the protected set: the method always keeps " + keeps +
            ", so the budget must be at least " + std::to_string(least) + " (kvtrim: " +
            std::string(kvtrim::to_string(kvtrim::status::budget_below_protected)) + ")";

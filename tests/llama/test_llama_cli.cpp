@@ -187,6 +187,8 @@ TEST_CASE("budgets larger than seq_len or below the protected set are clear erro
   require_error(run("eval --policies streaming_llm --protocol prefill --budgets 3"),
                 {"budget 3 for streaming_llm", "below the protected set"});
   require_error(run("generate --policy kv_compress --budget 10"), {"budget 10 for kv_compress", "below the protected set"});
+  require_error(run("eval --policies ada_kv --protocol streaming --budgets 9"),
+                {"budget 9 for ada_kv", "safeguard's rounding", "at least 10"});
   require_error(run("eval --budgets 0"), {"budgets"});
 }
 
