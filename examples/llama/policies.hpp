@@ -167,10 +167,11 @@ struct streaming_limits {
     case method::pyramidkv:
       with_policy(m, budget, protocol::streaming, [&](const auto& policy) {
         // A head as long as the context gets its layer's whole share; the +1 is the new token.
-        const int32_t w = policy.protect.recent;
-        if constexpr (std::is_same_v<std::decay_t<decltype(policy)>, kvtrim::pyramidkv_policy>)
+        if constexpr (std::is_same_v<std::decay_t<decltype(policy)>, kvtrim::pyramidkv_policy>) {
+          const int32_t w = policy.protect.recent;
           for (int32_t l = 0; l < s.layers; ++l)
             lim.head[static_cast<std::size_t>(l)] = policy.allocator.nominal_select(l, s.layers, context, w) + w + 1;
+        }
       }, context);
       break;
     case method::ada_kv:
