@@ -193,6 +193,32 @@ TEST_CASE("allocation failure: paged cache appends, adds, frees and plans change
   SECTION("apply a plan that keeps every other slot") {
     check_every_allocation_failing([](paged_cache<float>& c) { return c.apply(0, every_other_slot(c)); });
   }
+  SECTION("truncate both sequences (a copy of the cache, whose journal is not reserved)") {
+    const std::vector<int32_t> lengths(2 * 4, 3);
+    check_every_allocation_failing(
+        [&](paged_cache<float>& c) { return c.truncate(std::vector<int64_t>{0, 1}, lengths); });
+  }
+}
+
+TEST_CASE("allocation failure: truncate of a cache as created allocates nothing", "[cpu][allocation]") {
+  // What cuda::compress relies on: its commit runs after the device compacted.
+  paged_cache<float> cache = filled();
+  const std::vector<int64_t> both{0, 1};
+  // Frees 48 blocks: more table writes than either append journaled (32 and 24).
+  const std::vector<int32_t> lengths(8, 1);
+  status s = status::invalid_argument;
+  bool threw = false;
+  allocations_until_failure = 1;  // the first allocation throws (armed outside Catch's macros, which allocate)
+  try {
+    s = cache.truncate(both, lengths);
+  } catch (const std::bad_alloc&) {
+    threw = true;
+  }
+  allocations_until_failure = 0;
+  CHECK_FALSE(threw);
+  CHECK(to_string(s) == to_string(status::success));
+  CHECK(cache.head_length(1, 1, 1) == 1);
+  CHECK(cache_invariants::check_tables(cache.tables()).empty());
 }
 
 TEMPLATE_TEST_CASE("allocation failure: compressing with a preset changes nothing", "[cpu][allocation]",

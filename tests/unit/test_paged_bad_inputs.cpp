@@ -284,6 +284,35 @@ TEST_CASE("paged bad input: plan metrics of the wrong size", "[cpu][cache][bad-i
   expect_rejected(cache, status::invalid_plan, [&] { return cache.apply(0, plan); });
 }
 
+// ---- truncate
+
+TEST_CASE("paged bad input: truncate of an unknown sequence, or of one named twice", "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  const std::vector<int32_t> two(2 * 4, 3);
+  expect_rejected(cache, status::unknown_sequence, [&] { return cache.truncate(std::vector<int64_t>{0, 6}, two); });
+  expect_rejected(cache, status::invalid_argument, [&] { return cache.truncate(std::vector<int64_t>{1, 1}, two); });
+}
+
+TEST_CASE("paged bad input: truncate with lengths of the wrong size", "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  for (const size_t size : {size_t{0}, size_t{4}, size_t{7}, size_t{9}}) {
+    CAPTURE(size);
+    const std::vector<int32_t> lengths(size, 3);
+    expect_rejected(cache, status::shape_mismatch, [&] { return cache.truncate(seqs, lengths); });
+  }
+}
+
+TEST_CASE("paged bad input: truncate to a length above the head's, or that empties it", "[cpu][cache][bad-input]") {
+  auto cache = filled();  // sequence 0 holds 10 tokens a head, sequence 1 holds 5
+  // Every other head is valid, and the bad one comes last, so nothing may be applied early.
+  for (const int32_t bad : {6, 0, -1}) {
+    CAPTURE(bad);
+    std::vector<int32_t> lengths(2 * 4, 2);
+    lengths.back() = bad;
+    expect_rejected(cache, status::invalid_argument, [&] { return cache.truncate(seqs, lengths); });
+  }
+}
+
 // ---- decode attention
 
 TEST_CASE("paged bad input: decode attention on an unknown sequence", "[cpu][cache][bad-input]") {

@@ -98,6 +98,53 @@ TEST_CASE("the device cache holds what the host cache holds after the same opera
   CHECK(device.pool() == host.pool());
 }
 
+TEST_CASE("truncate keeps each head's first slots, frees the rest and updates the mirror once", "[cpu][cache][device]") {
+  paged_fixtures::device_memory<float> memory(config);
+  struct counting_mover : host_mover {
+    int* metadata_writes;
+    status write_metadata(const metadata_params& p) const {
+      ++*metadata_writes;
+      return host_mover::write_metadata(p);
+    }
+  };
+  int writes = 0;
+  using cache_t = device_paged_cache<float, dynamic_head_dim, counting_mover>;
+  cache_t device;
+  REQUIRE(cache_t::create(config, device_storage<float, counting_mover>{memory.buffers(), counting_mover{{}, &writes}},
+                          device) == status::success);
+  auto host = paged_fixtures::make_cache<paged_cache<float>>(config);
+  std::mt19937 rng(5);
+  const std::vector<int64_t> seqs{3, 8};
+  for (const int64_t seq : seqs) {
+    REQUIRE(host.add_sequence(seq) == status::success);
+    REQUIRE(device.add_sequence(seq) == status::success);
+    const size_t count = static_cast<size_t>(model.layers) * 13 * model.kv_heads * model.head_dim;
+    const auto k = gaussian(rng, count), v = gaussian(rng, count);
+    REQUIRE(host.append(seq, iota_positions(0, 13), k, v) == status::success);
+    REQUIRE(device.append(seq, iota_positions(0, 13), k, v) == status::success);
+  }
+  // [seq][layer][head]: 13 tokens (4 blocks of 4) down to 13, 9, 4, 1 / 2, 5, 8, 12.
+  const std::vector<int32_t> lengths{13, 9, 4, 1, 2, 5, 8, 12};
+  writes = 0;
+  REQUIRE(device.truncate(seqs, lengths) == status::success);
+  CHECK(writes == 1);  // one scatter for the whole batch
+
+  // The host cache applying the same prefixes as plans ends in the same state.
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    eviction_plan plan(model.layers, model.kv_heads);
+    for (int32_t l = 0; l < model.layers; ++l)
+      for (int32_t h = 0; h < model.kv_heads; ++h)
+        plan.set_head(l, h, 13, iota_positions(0, lengths[(b * model.layers + l) * model.kv_heads + h]));
+    REQUIRE(host.apply(seqs[b], plan) == status::success);
+  }
+  CHECK(device.tables() == host.tables());
+  CHECK(paged_fixtures::take_dump(device, seqs) == paged_fixtures::take_dump(host, seqs));
+  CHECK(device.head_length(8, 0, 0) == 2);
+  CHECK(device.pool().used_blocks == 4 + 3 + 1 + 1 + 1 + 2 + 2 + 3);
+  CHECK(cache_invariants::check_mirror(device.tables(), memory.tables, memory.lengths).empty());
+  CHECK(cache_invariants::check_tables(device.tables()).empty());
+}
+
 TEST_CASE("the device cache reports the buffer sizes it needs", "[cpu][cache][device]") {
   const paged_buffer_sizes s = buffer_sizes<bfloat16>({{32, 32, 8, 128}, 16, 1000, 8, 4096});
   CHECK(s.keys == 1000u * 16 * 128 * 2);

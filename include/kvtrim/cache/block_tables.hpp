@@ -69,6 +69,11 @@ class block_tables {
     const size_t heads = static_cast<size_t>(config.max_sequences) * static_cast<size_t>(config.heads_per_sequence());
     t.lengths_.assign(heads, 0);
     t.tables_.assign(heads * static_cast<size_t>(config.max_blocks_per_head()), no_block);
+    // One operation changes at most every block and every length, so the journal of a cache
+    // that replays it after each operation never allocates: `truncate` cannot fail for memory
+    // after the device compacted the slots it commits (a copy of the tables loses this).
+    t.table_writes_.reserve(static_cast<size_t>(config.num_blocks));
+    t.length_writes_.reserve(heads);
     out = std::move(t);
     return status::success;
   }
@@ -260,6 +265,46 @@ class block_tables {
       for (int32_t h = 0; h < heads; ++h) {
         if (const status s = shrink(row, l, h, plan.kept_count(l, h)); s != status::success) return s;
       }
+    return status::success;
+  }
+
+  //! Shortens every head of the sequences `seqs` to the length `lengths` gives it
+  //! ([seqs][L][H]), keeping its first slots, and returns the emptied trailing blocks to the
+  //! pool: the commit of a compaction that already moved each head's survivors to its front
+  //! (the CUDA backend's). All or nothing, std::bad_alloc included; a cache as created (not
+  //! a copy) has its journal reserved and allocates nothing here. Errors: shape_mismatch
+  //! for a wrong `lengths` size; unknown_sequence; invalid_argument for a sequence named
+  //! twice, a length above the head's, or below 1 for a non-empty head (as `apply`, it never
+  //! empties a head).
+  [[nodiscard]] status truncate(std::span<const int64_t> seqs, std::span<const int32_t> lengths) {
+    const int32_t layers = config_.shape.layers, heads = config_.shape.kv_heads;
+    const size_t per_sequence = static_cast<size_t>(layers) * static_cast<size_t>(heads);
+    if (lengths.size() != seqs.size() * per_sequence) return status::shape_mismatch;
+    size_t freed = 0;
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      const int32_t row = sequence_slot(seqs[b]);
+      if (row < 0) return status::unknown_sequence;
+      // Quadratic, but a batch is short, and a set would allocate.
+      const auto earlier = seqs.begin() + static_cast<ptrdiff_t>(b);
+      if (std::find(seqs.begin(), earlier, seqs[b]) != earlier) return status::invalid_argument;
+      const std::span<const int32_t> current(lengths_.data() + head_index(row, 0, 0), per_sequence);
+      for (size_t i = 0; i < per_sequence; ++i) {
+        const int32_t n = lengths[b * per_sequence + i];
+        if (n < std::min(current[i], 1) || n > current[i]) return status::invalid_argument;
+        freed += static_cast<size_t>(blocks_for(current[i], config_.block_size) - blocks_for(n, config_.block_size));
+      }
+    }
+    // Any allocation happens here, before the first change.
+    table_writes_.reserve(table_writes_.size() + freed);
+    length_writes_.reserve(length_writes_.size() + lengths.size());
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      const int32_t row = sequence_slot(seqs[b]);
+      for (int32_t l = 0; l < layers; ++l)
+        for (int32_t h = 0; h < heads; ++h) {
+          const size_t i = b * per_sequence + static_cast<size_t>(l) * static_cast<size_t>(heads) + static_cast<size_t>(h);
+          if (const status s = shrink(row, l, h, lengths[i]); s != status::success) return s;
+        }
+    }
     return status::success;
   }
 

@@ -408,7 +408,7 @@ struct host_backed_cache {
 TEST_CASE("cuda bad input: compress and decode on a device cache refuse before touching it", "[cuda]") {
   host_backed_cache c;
   const kv::pool_usage before = c.cache.pool();
-  const std::vector<int64_t> one{1}, unknown{9}, empty{2};
+  const std::vector<int64_t> one{1}, unknown{9}, empty{2}, twice{1, 1};
   const cu::device_observation obs{stand_in<const float>(), stand_in<const int32_t>(), 4};
   void* ws = stand_in<void>();
   const size_t big = std::numeric_limits<size_t>::max();
@@ -433,6 +433,8 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
 
   const auto decode = [&](std::span<const int64_t> seqs, int32_t layer, size_t bytes) {
     return name(cu::decode_attention(c.cache, seqs, layer, model.q_heads, stand_in<const float>(), stand_in<float>(),
+  CHECK(name(cu::compress(small_snapkv, c.cache, twice, model, obs, ws, big, nullptr)) ==
+        name(status::invalid_argument));  // two CTAs would compact one head
                                      kv::decode_accumulation::sum, kv::gqa_reduce::mean, ws, bytes, nullptr));
   };
   CHECK(decode(unknown, 0, big) == name(status::unknown_sequence));
@@ -445,3 +447,4 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
     for (int32_t h = 0; h < model.kv_heads; ++h) CHECK(c.cache.head_length(1, l, h) == 40);
   CHECK(c.cache.pool() == before);
 }
+  CHECK(decode(twice, 0, big) == name(status::invalid_argument));  // both would add to its slot metrics

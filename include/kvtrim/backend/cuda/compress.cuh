@@ -10,7 +10,7 @@
 //!   new lengths come back with ONE device-to-host copy and one stream synchronisation per
 //!   compression step (not per layer or head); the host then shortens every head, returns
 //!   the emptied trailing blocks to the pool and replays the table changes onto the device
-//!   mirror (one scatter).
+//!   mirror (`truncate`: one scatter for the batch).
 //! - `decode_attention(cache, seqs, layer, q, out, ...)`: paged decode attention of a batch.
 //! - `supports<T>(policy, model)`: whether the device runs a policy (host-only).
 //!
@@ -21,6 +21,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -262,6 +264,22 @@ struct cache_step_buffers {
   return b;
 }
 
+//! The mirror row of each of `seqs`: unknown_sequence for one the cache does not hold,
+//! invalid_argument for one named twice (two CTAs would compact, or accumulate into, the
+//! same head at once).
+template <class Cache>
+[[nodiscard]] status mirror_rows(const Cache& cache, std::span<const int64_t> seqs, std::vector<int32_t>& rows) {
+  rows.resize(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    rows[i] = cache.tables().sequence_slot(seqs[i]);
+    if (rows[i] < 0) return status::unknown_sequence;
+  }
+  for (size_t i = 0; i < rows.size(); ++i)
+    if (std::find(rows.begin(), rows.begin() + static_cast<ptrdiff_t>(i), rows[i]) != rows.begin() + static_cast<ptrdiff_t>(i))
+      return status::invalid_argument;
+  return status::success;
+}
+
 }  // namespace detail
 
 template <compression_policy P, kv_element T>
@@ -378,10 +396,9 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
       return s;
   }
   const attention_shape stored = cache.shape();
-  std::vector<int32_t> rows(seqs.size());
+  std::vector<int32_t> rows;
+  if (const status s = detail::mirror_rows(cache, seqs, rows); s != status::success) return s;
   for (size_t i = 0; i < seqs.size(); ++i) {
-    rows[i] = cache.tables().sequence_slot(seqs[i]);
-    if (rows[i] < 0) return status::unknown_sequence;
     for (int32_t l = 0; l < stored.layers; ++l)
       for (int32_t h = 0; h < stored.kv_heads; ++h) {
         const int32_t n = cache.head_length(seqs[i], l, h);
@@ -404,18 +421,9 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   a.keep = buffers.keep;
   a.error = buffers.error;
   a.math = math;
-  // The commit's host memory is allocated before the device changes anything, so a failed
-  // allocation (std::bad_alloc) of it leaves the cache as it was.
+  // The commit's host memory is allocated before the device changes anything (truncate
+  // allocates nothing), so a failed allocation (std::bad_alloc) leaves the cache as it was.
   std::vector<int32_t> keep(static_cast<size_t>(heads) + 1);
-  std::vector<int32_t> prefix;
-  prefix.reserve(static_cast<size_t>(cache.config().max_tokens_per_head));
-  std::vector<eviction_plan> plans(seqs.size(), eviction_plan(stored.layers, stored.kv_heads));
-  for (size_t b = 0; b < seqs.size(); ++b) {
-    size_t slots = 0;  // kept slots are at most the sequence's slots
-    for (int32_t l = 0; l < stored.layers; ++l)
-      for (int32_t h = 0; h < stored.kv_heads; ++h) slots += static_cast<size_t>(cache.head_length(seqs[b], l, h));
-    plans[b].reserve(slots);
-  }
   KVTRIM_CUDA_TRY(cudaMemcpyAsync(const_cast<int32_t*>(a.rows), rows.data(), rows.size() * sizeof(int32_t),
                                   cudaMemcpyHostToDevice, stream));
   if (const status s = compress_on_device(a, buffers.step, stream); s != status::success) return s;
@@ -426,21 +434,8 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   KVTRIM_CUDA_TRY(cudaMemcpyAsync(keep.data() + heads, a.error, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
   KVTRIM_CUDA_TRY(cudaStreamSynchronize(stream));
   if (keep[static_cast<size_t>(heads)] != 0) return static_cast<status>(keep[static_cast<size_t>(heads)]);
-
-  for (int32_t b = 0; b < batch; ++b)
-    for (int32_t l = 0; l < stored.layers; ++l)
-      for (int32_t h = 0; h < stored.kv_heads; ++h) {
-        const int32_t n = cache.head_length(seqs[static_cast<size_t>(b)], l, h);
-        const int32_t k = keep[(static_cast<size_t>(b) * stored.layers + l) * stored.kv_heads + h];
-        prefix.resize(static_cast<size_t>(k));
-        for (int32_t j = 0; j < k; ++j) prefix[static_cast<size_t>(j)] = j;
-        // The device already compacted: survivors are the prefix.
-        plans[static_cast<size_t>(b)].set_head(l, h, n, prefix);
-      }
-  for (int32_t b = 0; b < batch; ++b)
-    if (const status s = cache.apply(seqs[static_cast<size_t>(b)], plans[static_cast<size_t>(b)]); s != status::success)
-      return s;
-  return status::success;
+  // The device already compacted: each head's survivors are its first `keep` slots.
+  return cache.truncate(seqs, std::span<const int32_t>(keep.data(), static_cast<size_t>(heads)));
 }
 
 //! Workspace of `decode_attention` on a device cache.
@@ -470,10 +465,9 @@ template <kv_element T, int32_t HeadDim, slot_mover<T> M>
   if (batch == 0) return status::success;
   if (layer < 0 || layer >= cache.shape().layers) return status::invalid_argument;
   if (!workspace || workspace_bytes < decode_workspace_size(cache, batch, q_heads, acc)) return status::invalid_argument;
-  std::vector<int32_t> rows(seqs.size());
+  std::vector<int32_t> rows;
+  if (const status s = detail::mirror_rows(cache, seqs, rows); s != status::success) return s;
   for (size_t i = 0; i < seqs.size(); ++i) {
-    rows[i] = cache.tables().sequence_slot(seqs[i]);
-    if (rows[i] < 0) return status::unknown_sequence;
     for (int32_t h = 0; h < cache.shape().kv_heads; ++h)
       if (cache.head_length(seqs[i], layer, h) == 0) return status::empty_sequence;
   }
