@@ -37,6 +37,30 @@ TEST_CASE("pyramid real form follows kvpress", "[cpu][budget]") {
   CHECK(pyramid_real_keep(3, 4, 0.5f, 8, 1000, 20) == 25);
   // min 25 < w 64: falls back to the uniform ratio.
   CHECK(pyramid_real_keep(0, 4, 0.5f, 64, 1000, 20) == 500);
+  // 448.5 - 31 * 14.0967741935... is 11.5 in Python (the product rounded first) and rounds
+  // to 12; an FMA gives 11.4999999999999751 and 11, as nvcc's did on the device.
+  CHECK(pyramid_real_keep(31, 32, 0.25f, 8, 920, 20) == 12);
+}
+
+TEST_CASE("pyramid real form keeps no candidate where it keeps fewer than the protected tokens", "[cpu][budget]") {
+  // ratio 0.05 of 100 tokens keeps 5, below the 8 protected: the window stays, nothing else.
+  const pyramid_budget real{.budget = token_budget::of_ratio(0.05f), .form = pyramid_form::real};
+  for (int32_t layer = 0; layer < 4; ++layer) CHECK(real.nominal_select(layer, 4, 100, 8) == 0);
+  // Ada-KV over that base: the layer's total is 0, not negative (it indexed before its scores).
+  adaptive_budget<pyramid_budget> ada;
+  ada.base = real;
+  candidate_table t(1, 2);
+  for (int32_t h = 0; h < 2; ++h) {
+    auto& c = t.at(0, h);
+    c.length = 100;
+    c.next_position = 100;
+    for (int32_t j = 0; j < 8; ++j) c.protected_slots.push_back(92 + j);
+    for (int32_t j = 0; j < 92; ++j) c.ranked.push_back({static_cast<float>(j % 7), j, j});
+    std::sort(c.ranked.begin(), c.ranked.end(), ranks_before);
+  }
+  std::vector<int32_t> select(2, -1);
+  REQUIRE(ada.allocate(t, {0, 4, {}}, select) == status::success);
+  CHECK(select == std::vector<int32_t>{0, 0});
 }
 
 TEST_CASE("pyramid context freezes the pyramid of a prompt of that length", "[cpu][budget]") {

@@ -4,7 +4,8 @@
 //! in fp32; the 16-bit types are storage only, so two bytes per element are all they need.
 //! Conversions round to nearest, ties to even (what CUDA's __float2half_rn and
 //! __float2bfloat16_rn do), and run on both sides, so the CPU and CUDA backends store the
-//! same bits.
+//! same bits. Budget formulas that both backends evaluate round their products through
+//! `product_rn`, so the compilers' fused multiply-adds cannot change a rounding.
 
 #include <concepts>
 #include <cstdint>
@@ -105,6 +106,25 @@ template <kv_element T>
   } else {
     return bfloat16{detail::bfloat16_from_float(x)};
   }
+}
+
+//! a * b rounded to the type before it meets any addition. nvcc fuses `a * b + c` into one
+//! FMA by default, and GCC does on targets that have one; a fused sum can land on the other
+//! side of a rounding tie (PyramidKV's real form lands on halves), so host and device would
+//! keep different tokens. The references compute in Python, unfused.
+template <class F>
+  requires std::same_as<F, float> || std::same_as<F, double>
+[[nodiscard]] KVTRIM_HOST_DEVICE inline F product_rn(F a, F b) noexcept {
+#ifdef __CUDA_ARCH__
+  if constexpr (std::same_as<F, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
+#else
+  const volatile F product = a * b;  // a value in memory cannot be fused into its user
+  return product;
+#endif
 }
 
 KVTRIM_NAMESPACE_END

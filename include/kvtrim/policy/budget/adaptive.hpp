@@ -12,6 +12,7 @@
 
 #include "kvtrim/concepts.hpp"
 #include "kvtrim/config.hpp"
+#include "kvtrim/core/numeric.hpp"
 #include "kvtrim/policy/budget/pyramid.hpp"
 #include "kvtrim/policy/budget/uniform.hpp"
 
@@ -26,10 +27,11 @@ concept base_budget = budget_allocator<A> && A::scope == allocation_scope::per_l
 
 //! Ada-KV's safeguard: b = round(n_h (1 - alpha) + int(base * alpha)) in float32, rounding
 //! half to even, exactly as the reference (so the heads' sum may miss H * base by a few).
-[[nodiscard]] inline int32_t adaptive_safeguard(int32_t earned, int32_t base, float alpha) noexcept {
-  const auto floor_capacity = static_cast<int32_t>(static_cast<float>(base) * alpha);
-  const float b = static_cast<float>(earned) * (1.f - alpha) + static_cast<float>(floor_capacity);
-  return static_cast<int32_t>(std::nearbyint(b));
+//! The device backend calls it too.
+[[nodiscard]] KVTRIM_HOST_DEVICE inline int32_t adaptive_safeguard(int32_t earned, int32_t base, float alpha) noexcept {
+  const auto floor_capacity = static_cast<int32_t>(product_rn(static_cast<float>(base), alpha));
+  const float b = product_rn(static_cast<float>(earned), 1.f - alpha) + static_cast<float>(floor_capacity);
+  return static_cast<int32_t>(rintf(b));
 }
 
 //! `Base` gives each layer's base budget: uniform_budget (Ada-SnapKV) or pyramid_budget
@@ -115,7 +117,8 @@ struct adaptive_budget {
       if (a.head != b.head) return a.head < b.head;
       return a.rank < b.rank;
     };
-    const auto cut = all.begin() + std::min<int64_t>(total, static_cast<int64_t>(all.size()));
+    // Clamped: an engine's base may size a layer below zero.
+    const auto cut = all.begin() + std::clamp<int64_t>(total, 0, static_cast<int64_t>(all.size()));
     std::nth_element(all.begin(), cut == all.begin() ? cut : cut - 1, all.end(), better);
     std::vector<int32_t> earned(static_cast<size_t>(heads), 0);
     for (auto it = all.begin(); it != cut; ++it) ++earned[static_cast<size_t>(it->head)];

@@ -9,6 +9,7 @@
 
 #include "kvtrim/concepts.hpp"
 #include "kvtrim/config.hpp"
+#include "kvtrim/core/numeric.hpp"
 #include "kvtrim/policy/budget/uniform.hpp"
 
 KVTRIM_NAMESPACE_BEGIN
@@ -42,16 +43,17 @@ enum class pyramid_form : uint8_t {
 }
 
 //! Pure formula of the real form: tokens kept (window included) for keep-ratio `r`. `rint`
-//! rounds half to even, as Python's round() in the reference, on the host and the device alike.
+//! rounds half to even, as Python's round() in the reference, on the host and the device
+//! alike; the products are rounded before their sums, as in Python (product_rn).
 [[nodiscard]] KVTRIM_HOST_DEVICE inline int32_t pyramid_real_keep(int32_t layer, int32_t layers, float r, int32_t w,
                                                                   int32_t n, int32_t beta) noexcept {
-  const double c = static_cast<double>(w) + static_cast<double>(n) * r;
+  const double c = static_cast<double>(w) + product_rn(static_cast<double>(n), static_cast<double>(r));
   const double min_num = (c - w) / beta;
   const double max_num = (c - w) * 2 - min_num;
   if (!(n >= max_num && max_num >= min_num && min_num >= w) || layers < 2)
     return static_cast<int32_t>(rint(static_cast<double>(n) * r));
   const double step = (max_num - min_num) / (layers - 1);
-  return static_cast<int32_t>(rint(max_num - layer * step));
+  return static_cast<int32_t>(rint(max_num - product_rn(static_cast<double>(layer), step)));
 }
 
 struct pyramid_budget {
@@ -92,7 +94,8 @@ struct pyramid_budget {
       keep = keep < 1 ? 1 : keep;
     }
     if (context > 0 && keep > length) keep = length;  // the frozen pyramid caps, never adds
-    return keep - protected_count;
+    // The real form may keep fewer than the protected tokens; those are kept all the same.
+    return keep > protected_count ? keep - protected_count : 0;
   }
 
   [[nodiscard]] status allocate(const candidate_table& table, const allocation_context& ctx,

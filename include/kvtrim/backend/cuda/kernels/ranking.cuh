@@ -38,6 +38,7 @@
 #include "kvtrim/backend/cuda/paged_view.cuh"
 #include "kvtrim/backend/cuda/tuning.cuh"
 #include "kvtrim/config.hpp"
+#include "kvtrim/policy/budget/adaptive.hpp"
 #include "kvtrim/policy/budget/global_blocks.hpp"
 #include "kvtrim/policy/budget/pyramid.hpp"
 #include "kvtrim/policy/metric/accumulated_attention.hpp"
@@ -584,7 +585,7 @@ __global__ void count_top_kernel(const __grid_constant__ plan_params<T> p) {
   }
 }
 
-//! Ada-KV safeguard per head: b = rint(earned (1 - alpha) + int(base alpha)), in float32.
+//! Ada-KV safeguard per head: the host's adaptive_safeguard.
 template <kv_element T>
 __global__ void adaptive_finish_kernel(const __grid_constant__ plan_params<T> p) {
   const auto& a = p.args;
@@ -593,12 +594,7 @@ __global__ void adaptive_finish_kernel(const __grid_constant__ plan_params<T> p)
     const int32_t n = static_cast<int32_t>(p.end[hi] - p.begin[hi]);
     const int32_t base = p.select[hi];
     int32_t b = base;
-    if (p.group_flag[hi / a.pool.heads]) {
-      const auto floor_capacity = static_cast<int32_t>(__fmul_rn(static_cast<float>(base), a.budget.alpha));
-      const float v = __fadd_rn(__fmul_rn(static_cast<float>(p.earned[hi]), __fsub_rn(1.f, a.budget.alpha)),
-                                static_cast<float>(floor_capacity));
-      b = static_cast<int32_t>(rintf(v));
-    }
+    if (p.group_flag[hi / a.pool.heads]) b = adaptive_safeguard(p.earned[hi], base, a.budget.alpha);
     p.select[hi] = clamp_select(b, n, p.protect[hi]);
   }
 }
