@@ -175,6 +175,21 @@ TEST_CASE("cuda bad input: window_score_arguments are refused before any launch"
     a.math = cu::window_math::tensor_cores;
     refused(a, status::not_supported);
   }
+  SECTION("more sequences x layers than a grid dimension (65,535)") {
+    a.batch = 32768;  // x 2 layers
+    refused(a, status::not_supported);
+  }
+}
+
+TEST_CASE("cuda bad input: tensor-core window scores need 16-byte aligned keys", "[cuda]") {
+  auto a = window<kv::bfloat16>();
+  a.math = cu::window_math::tensor_cores;
+  REQUIRE(name(cu::can_implement(a)) == name(status::success));
+  a.pool.keys += 1;  // 2 bytes past an aligned address: its cp.async copies would fault
+  CHECK(name(cu::can_implement(a)) == name(status::not_supported));
+  CHECK(name(cu::window_scores(a, stand_in<void>(), nullptr)) == name(status::not_supported));
+  a.math = cu::window_math::exact;
+  CHECK(name(cu::can_implement(a)) == name(status::success));  // the fp32 path reads elements
 }
 
 TEST_CASE("cuda bad input: tensor-core window scores need bf16 keys and a head dim of 8k up to 128", "[cuda]") {
@@ -418,6 +433,8 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
   CHECK(name(cu::compress(small_snapkv, c.cache, unknown, model, obs, ws, big, nullptr)) ==
         name(status::unknown_sequence));
   CHECK(name(cu::compress(small_snapkv, c.cache, empty, model, obs, ws, big, nullptr)) == name(status::empty_sequence));
+  CHECK(name(cu::compress(small_snapkv, c.cache, twice, model, obs, ws, big, nullptr)) ==
+        name(status::invalid_argument));  // two CTAs would compact one head
   CHECK(name(cu::compress(small_snapkv, c.cache, one, model, {obs.queries, obs.positions, 41}, ws, big, nullptr)) ==
         name(status::window_too_large));  // 41 window rows, 40 tokens
   CHECK(name(cu::compress(small_snapkv, c.cache, one, model, obs, nullptr, 0, nullptr)) ==
@@ -433,12 +450,11 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
 
   const auto decode = [&](std::span<const int64_t> seqs, int32_t layer, size_t bytes) {
     return name(cu::decode_attention(c.cache, seqs, layer, model.q_heads, stand_in<const float>(), stand_in<float>(),
-  CHECK(name(cu::compress(small_snapkv, c.cache, twice, model, obs, ws, big, nullptr)) ==
-        name(status::invalid_argument));  // two CTAs would compact one head
                                      kv::decode_accumulation::sum, kv::gqa_reduce::mean, ws, bytes, nullptr));
   };
   CHECK(decode(unknown, 0, big) == name(status::unknown_sequence));
   CHECK(decode(empty, 0, big) == name(status::empty_sequence));
+  CHECK(decode(twice, 0, big) == name(status::invalid_argument));  // both would add to its slot metrics
   CHECK(decode(one, 2, big) == name(status::invalid_argument));  // a layer past the model
   CHECK(decode(one, 0, 16) == name(status::invalid_argument));   // too small a workspace
 
@@ -447,4 +463,3 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
     for (int32_t h = 0; h < model.kv_heads; ++h) CHECK(c.cache.head_length(1, l, h) == 40);
   CHECK(c.cache.pool() == before);
 }
-  CHECK(decode(twice, 0, big) == name(status::invalid_argument));  // both would add to its slot metrics

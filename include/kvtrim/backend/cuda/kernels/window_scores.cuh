@@ -20,8 +20,10 @@
 //!   tests compare kept sets). 128 pairs a block, 64-key tiles, each thread 4 pairs x 8 keys.
 //! - `tensor_cores` (bf16 K): every fp32 query is split into three bf16 terms whose sum is
 //!   the query (8 + 8 + 8 significand bits), and each 16 x 8 tile of logits is three bf16
-//!   MMAs with fp32 accumulation. bf16 x bf16 products are exact in fp32, so only the order of
-//!   the fp32 sums differs from `exact`; a single bf16 MMA would round the queries instead.
+//!   MMAs with fp32 accumulation. bf16 x bf16 products are exact in fp32, so the logits differ
+//!   from `exact` by the rounding of their sums only (another order, and the tensor cores'
+//!   own fp32 accumulation); a single bf16 MMA would round the queries instead. Its key tiles
+//!   arrive by 16-byte cp.async, so `automatic` takes it only for 16-byte aligned keys.
 //!   Queries that are bf16 values already (a bf16 model's) have zero low terms: a pair block
 //!   whose queries all are takes one MMA per tile, with the same result. The work is divided
 //!   as in FlashAttention-2 (window_stats_mma_kernel's comment).
@@ -68,10 +70,9 @@ struct window_score_arguments {
   window_math math = window_math::automatic;
 };
 
-//! Shared memory holds a 128-pair block and a 64-key tile in fp32: about 100 KiB at head dim
-//! 128 and 205 KiB at 256 (within sm_90's 227 KiB per block). The tensor-core path holds a
-//! 64-pair block three times in bf16 and a 64-key bf16 tile that the 64 x 64 fp32 logit tile
-//! reuses: 69 KiB at 128, so three CTAs share an SM.
+//! The exact path's shared memory holds a 128-pair block and a 64-key tile in fp32: about 100
+//! KiB at head dim 128 and 205 KiB at 256 (within sm_90's 227 KiB per block). The tensor-core
+//! path's sizes are its shapes' (mma_shapes below: 207 KiB at 128 on sm_90, one CTA an SM).
 inline constexpr int32_t max_window_head_dim = 256;
 inline constexpr int32_t max_tensor_core_head_dim = 128;
 
@@ -132,6 +133,13 @@ struct mma_shape {
 //! KiB for 64 x 128 x 3 (sm_80: 163), 86 KiB for the last (sm_86 and sm_89: 99).
 inline constexpr mma_shape mma_shapes[] = {{128, 128, 3}, {128, 128, 2}, {64, 128, 3}, {64, 128, 2}, {64, 64, 2}};
 
+//! Whether the tensor-core passes' 16-byte copies of key rows are aligned (cudaMalloc's are;
+//! an engine's offset into its own allocation may not be).
+template <kv_element T>
+[[nodiscard]] bool keys_aligned_16(const paged_view<T>& pool) noexcept {
+  return reinterpret_cast<uintptr_t>(pool.keys) % 16 == 0;
+}
+
 //! The first of mma_shapes that fits `smem_optin` bytes of shared memory per block at head
 //! dim d.
 [[nodiscard]] constexpr mma_shape mma_shape_for(int32_t d, int64_t smem_optin) noexcept {
@@ -157,11 +165,12 @@ inline constexpr mma_shape mma_shapes[] = {{128, 128, 3}, {128, 128, 2}, {64, 12
 //! where tensor cores do not apply; an explicit tensor_cores the device cannot run gives
 //! not_supported (or the runtime's error).
 template <kv_element T>
-[[nodiscard]] status resolve_math(window_math math, int32_t head_dim, window_math& runs, mma_shape& shape) {
+[[nodiscard]] status resolve_math(window_math math, int32_t head_dim, window_math& runs, mma_shape& shape,
+                                  bool keys_aligned = true) {
   runs = window_math::exact;
   if (math == window_math::exact) return status::success;
   const bool automatic = math == window_math::automatic;
-  if (check_math<T>(window_math::tensor_cores, head_dim) != status::success)
+  if (check_math<T>(window_math::tensor_cores, head_dim) != status::success || !keys_aligned)
     return automatic ? status::success : status::not_supported;
   const status s = tensor_core_shape(head_dim, shape);
   if (s == status::success) runs = window_math::tensor_cores;
@@ -169,10 +178,10 @@ template <kv_element T>
 }
 }  // namespace detail
 
-//! The math window_scores runs for `math` on keys of type T at head dim d on the current
-//! device: `automatic` becomes `tensor_cores` where check_math accepts it and the device is
-//! sm_80 or newer with the shared memory of one of the tensor-core shapes (mma_shape_for),
-//! `exact` otherwise; any other value is returned as it is.
+//! The math window_scores runs for `math` on 16-byte aligned keys of type T at head dim d on
+//! the current device: `automatic` becomes `tensor_cores` where check_math accepts it and the
+//! device is sm_80 or newer with the shared memory of one of the tensor-core shapes
+//! (mma_shape_for), `exact` otherwise; any other value is returned as it is.
 template <kv_element T>
 [[nodiscard]] window_math resolved_math(window_math math, int32_t head_dim) {
   if (math != window_math::automatic) return math;
@@ -193,12 +202,15 @@ template <kv_element T>
   if (a.batch < 0 || a.batch > 65535 || a.first_layer < 0 || a.layer_count < 1 ||
       a.first_layer + a.layer_count > a.pool.layers || a.stride < 1)
     return status::invalid_argument;
+  // The window passes' grid: (splits, H, batch x layers), each at most 65,535.
+  if (a.pool.heads > 65535 || static_cast<int64_t>(a.batch) * a.layer_count > 65535) return status::not_supported;
   if (a.window < 1) return status::window_too_large;
   if (a.pool.head_dim > max_window_head_dim) return status::not_supported;
   const bool pooled = a.metric.pool != pooling::none && a.metric.kernel > 1;
   if (pooled && static_cast<int64_t>(a.batch) * a.layer_count * a.pool.heads * a.stride > INT32_MAX)
     return status::not_supported;  // the position sort's items (CUB's int offsets)
   if (const status s = check_math<T>(a.math, a.pool.head_dim); s != status::success) return s;
+  if (a.math == window_math::tensor_cores && !detail::keys_aligned_16(a.pool)) return status::not_supported;
   if (a.batch > 0 && (!a.rows || !a.queries || !a.query_positions || !a.scores)) return status::invalid_argument;
   return status::success;
 }
@@ -1038,14 +1050,15 @@ __device__ __forceinline__ int64_t mirror_head_of(const window_score_arguments<T
 template <kv_element T>
 __global__ void position_keys_kernel(const __grid_constant__ window_params<T> p) {
   const auto& a = p.args;
-  const int32_t hi = blockIdx.y;  // workspace head index
-  const int64_t head = mirror_head_of(a, hi);
-  const int32_t n = a.pool.lengths[head];
-  const uint64_t high = static_cast<uint64_t>(hi) << 32;
-  for (int32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < a.stride; j += gridDim.x * blockDim.x) {
-    const uint32_t position = j < n ? static_cast<uint32_t>(a.pool.positions[a.pool.physical(head, j)]) : ~0u;
-    p.keys_in[static_cast<int64_t>(hi) * a.stride + j] = high | position;
-    p.values_in[static_cast<int64_t>(hi) * a.stride + j] = j;
+  for (int64_t hi = blockIdx.y; hi < p.layout.heads; hi += gridDim.y) {  // workspace head index
+    const int64_t head = mirror_head_of(a, hi);
+    const int32_t n = a.pool.lengths[head];
+    const uint64_t high = static_cast<uint64_t>(hi) << 32;
+    for (int32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < a.stride; j += gridDim.x * blockDim.x) {
+      const uint32_t position = j < n ? static_cast<uint32_t>(a.pool.positions[a.pool.physical(head, j)]) : ~0u;
+      p.keys_in[hi * a.stride + j] = high | position;
+      p.values_in[hi * a.stride + j] = j;
+    }
   }
 }
 
@@ -1055,40 +1068,41 @@ template <kv_element T>
 __global__ void pool_kernel(const __grid_constant__ window_params<T> p, const float* in, float* out, int32_t rows,
                             float divisor) {
   const auto& a = p.args;
-  const int64_t row = blockIdx.y;  // [heads][rows]
-  const int64_t hi = row / rows;
-  const int64_t seg = hi * a.stride;
-  const int32_t n = a.pool.lengths[mirror_head_of(a, hi)];
-  if (n == 0) return;
-  const uint64_t* keys = p.keys_out + seg;  // ascending positions in the low 32 bits
-  const auto pos = [keys](int32_t i) { return static_cast<int64_t>(keys[i] & 0xffffffffu); };
-  const int32_t* by_position = p.values_out + seg;
-  int32_t m = n;
-  if (a.metric.range == pool_range::evictable_prefix) {  // keys before the recent window
-    const int64_t limit = pos(n - 1) + 1 - a.protect.recent;
-    int32_t lo = 0, hi2 = n;
-    while (lo < hi2) {
-      const int32_t mid = (lo + hi2) / 2;
-      if (pos(mid) < limit) lo = mid + 1; else hi2 = mid;
+  for (int64_t row = blockIdx.y; row < p.layout.heads * rows; row += gridDim.y) {  // [heads][rows]
+    const int64_t hi = row / rows;
+    const int64_t seg = hi * a.stride;
+    const int32_t n = a.pool.lengths[mirror_head_of(a, hi)];
+    if (n == 0) continue;
+    const uint64_t* keys = p.keys_out + seg;  // ascending positions in the low 32 bits
+    const auto pos = [keys](int32_t i) { return static_cast<int64_t>(keys[i] & 0xffffffffu); };
+    const int32_t* by_position = p.values_out + seg;
+    int32_t m = n;
+    if (a.metric.range == pool_range::evictable_prefix) {  // keys before the recent window
+      const int64_t limit = pos(n - 1) + 1 - a.protect.recent;
+      int32_t lo = 0, hi2 = n;
+      while (lo < hi2) {
+        const int32_t mid = (lo + hi2) / 2;
+        if (pos(mid) < limit) lo = mid + 1; else hi2 = mid;
+      }
+      m = lo;
     }
-    m = lo;
-  }
-  const int32_t half = a.metric.kernel / 2;
-  const float* src = in + row * a.stride;
-  float* dst = out + row * a.stride;
-  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    const int32_t j = by_position[i];
-    if (i >= m) {
-      dst[j] = src[j] / divisor;
-      continue;
+    const int32_t half = a.metric.kernel / 2;
+    const float* src = in + row * a.stride;
+    float* dst = out + row * a.stride;
+    for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+      const int32_t j = by_position[i];
+      if (i >= m) {
+        dst[j] = src[j] / divisor;
+        continue;
+      }
+      const bool is_max = a.metric.pool == pooling::max;
+      float v = is_max ? -INFINITY : 0.f;
+      for (int32_t t = max(0, i - half); t <= min(m - 1, i + half); ++t) {
+        const float x = src[by_position[t]] / divisor;
+        v = is_max ? fmaxf(v, x) : v + x;
+      }
+      dst[j] = is_max ? v : v / static_cast<float>(a.metric.kernel);
     }
-    const bool is_max = a.metric.pool == pooling::max;
-    float v = is_max ? -INFINITY : 0.f;
-    for (int32_t t = max(0, i - half); t <= min(m - 1, i + half); ++t) {
-      const float x = src[by_position[t]] / divisor;
-      v = is_max ? fmaxf(v, x) : v + x;
-    }
-    dst[j] = is_max ? v : v / static_cast<float>(a.metric.kernel);
   }
 }
 
@@ -1135,7 +1149,9 @@ template <kv_element T>
   p.values_out = w.take<int32_t>(l.items);
   window_math math = window_math::exact;
   detail::mma_shape shape;
-  if (const status s = detail::resolve_math<T>(a.math, a.pool.head_dim, math, shape); s != status::success) return s;
+  if (const status s = detail::resolve_math<T>(a.math, a.pool.head_dim, math, shape, detail::keys_aligned_16(a.pool));
+      s != status::success)
+    return s;
   if constexpr (std::is_same_v<T, bfloat16>) {  // can_implement refuses tensor_cores for other types
     if (math == window_math::tensor_cores) {
       const status s = shape.keys == 128 ? detail::launch_mma_passes<T, 128>(p, shape, stream)
@@ -1157,7 +1173,9 @@ template <kv_element T>
     return status::success;
   }
   const unsigned x = static_cast<unsigned>(detail::ceil_div(a.stride, et) < 64 ? detail::ceil_div(a.stride, et) : 64);
-  detail::position_keys_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads)), et, 0, stream>>>(p);
+  // Rows stride over grid y, which stops at 65,535.
+  const auto rows_grid = [](int64_t rows) { return static_cast<unsigned>(rows < 65535 ? rows : 65535); };
+  detail::position_keys_kernel<T><<<dim3(x, rows_grid(l.heads)), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   const radix_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
                                   detail::position_key_end_bit(l.heads)};
@@ -1165,14 +1183,14 @@ template <kv_element T>
       s != status::success)
     return s;
   if (l.after_pool) {  // pool each query head's row, then reduce the group
-    detail::pool_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads * l.per_row)), et, 0, stream>>>(
+    detail::pool_kernel<T><<<dim3(x, rows_grid(l.heads * l.per_row)), et, 0, stream>>>(
         p, p.agg, p.pooled, l.per_row, divisor);
     KVTRIM_CUDA_TRY(cudaGetLastError());
     detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.pooled, a.scores, 1.f);
   } else {  // reduce the group, then pool
     detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.agg, p.pooled, divisor);
     KVTRIM_CUDA_TRY(cudaGetLastError());
-    detail::pool_kernel<T><<<dim3(x, static_cast<unsigned>(l.heads)), et, 0, stream>>>(p, p.pooled, a.scores, 1, 1.f);
+    detail::pool_kernel<T><<<dim3(x, rows_grid(l.heads)), et, 0, stream>>>(p, p.pooled, a.scores, 1, 1.f);
   }
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
