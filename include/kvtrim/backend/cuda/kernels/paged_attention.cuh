@@ -288,7 +288,9 @@ __global__ void __launch_bounds__(Threads, split_ctas_per_sm(Group == 0 ? MaxGro
   const int64_t head = a.pool.head_index(a.rows[b], a.layer, h);
   const int32_t length = a.pool.lengths[head];
   const int32_t begin = split * p.split_tokens;
-  const int32_t end = min(length, begin + p.split_tokens);
+  // 64-bit: the last split of a head near 2^31 tokens ends past INT32_MAX.
+  const int64_t split_end = static_cast<int64_t>(begin) + p.split_tokens;
+  const int32_t end = split_end < length ? static_cast<int32_t>(split_end) : length;
 
   const int32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int32_t sub = lane % lpk;
