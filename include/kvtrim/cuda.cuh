@@ -15,5 +15,6 @@
 #include "kvtrim/backend/cuda/kernels/window_scores.cuh"
 #include "kvtrim/backend/cuda/mover.cuh"
 #include "kvtrim/backend/cuda/paged_view.cuh"
+#include "kvtrim/backend/cuda/session.cuh"
 #include "kvtrim/backend/cuda/tuning.cuh"
 #include "kvtrim/kvtrim.hpp"

@@ -390,9 +390,9 @@ TEST_CASE("cuda::supports says which policies the device runs, before anything i
 namespace {
 
 //! A device_paged_cache whose "device" buffers are host vectors (host mover): sequence 1
-//! holds 40 tokens in every head, sequence 2 none.
+//! holds 40 tokens in every head, sequence 2 none; two more rows free.
 struct host_backed_cache {
-  kv::paged_cache_config config{model_stored(), 16, 64, 2, 128};
+  kv::paged_cache_config config{model_stored(), 16, 64, 4, 128};
   kv::paged_buffer_sizes sizes = kv::buffer_sizes<float>(config);
   std::vector<float> keys, values, metrics;
   std::vector<int32_t> positions, tables, lengths;
@@ -462,4 +462,68 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
   for (int32_t l = 0; l < model.layers; ++l)
     for (int32_t h = 0; h < model.kv_heads; ++h) CHECK(c.cache.head_length(1, l, h) == 40);
   CHECK(c.cache.pool() == before);
+}
+
+TEST_CASE("cuda bad input: the device session refuses bad limits, workspaces and batches", "[cuda]") {
+  using session = cu::compression_session<kv::snapkv_policy, float, kv::dynamic_head_dim, kv::host_mover>;
+  host_backed_cache c;
+  void* ws = stand_in<void>();
+  const size_t big = std::numeric_limits<size_t>::max();
+  const size_t need = session::workspace_size(small_snapkv, c.cache, model, 1, 4);
+  REQUIRE(need > 0);
+  session s;
+  const auto create = [&](const kv::snapkv_policy& p, int32_t max_batch, int32_t max_rows, void* w, size_t bytes) {
+    return name(session::create(c.cache, model, p, max_batch, max_rows, w, bytes, nullptr, s));
+  };
+  kv::snapkv_policy rerotating = small_snapkv;
+  rerotating.positions = kv::position_mode::rerotate;
+  CHECK(create(rerotating, 1, 4, ws, big) == name(status::not_supported));
+  CHECK(create(kv::snapkv({.budget = kv::token_budget::of_tokens(2), .window = 4}), 1, 4, ws, big) ==
+        name(status::budget_below_protected));
+  CHECK(create(small_snapkv, 0, 4, ws, big) == name(status::invalid_argument));   // no sequence a call
+  CHECK(create(small_snapkv, 1, -1, ws, big) == name(status::invalid_argument));  // negative rows
+  CHECK(create(small_snapkv, 1, 0, ws, big) == name(status::invalid_argument));   // window scores need rows
+  CHECK(create(small_snapkv, 1, 4, nullptr, big) == name(status::invalid_argument));
+  CHECK(create(small_snapkv, 1, 4, ws, need - 1) == name(status::invalid_argument));
+  CHECK(name(s.add_sequence(3)) == name(status::invalid_argument));  // never created
+
+  REQUIRE(create(small_snapkv, 1, 4, ws, need) == name(status::success));
+  const kv::pool_usage before = c.cache.pool();
+  const std::vector<int64_t> one{1}, three{3}, both{3, 4}, twice{3, 3};
+  const cu::device_observation obs{stand_in<const float>(), stand_in<const int32_t>(), 4};
+  const cu::device_observation too_many_rows{obs.queries, obs.positions, 5};
+  std::vector<int64_t> compressed{42};
+
+  // Sequence 1 is in the cache but not in the session.
+  CHECK(name(s.finish_prefill(one, obs)) == name(status::unknown_sequence));
+  CHECK(name(s.compress(one, obs)) == name(status::unknown_sequence));
+  CHECK(name(s.attend(one, 0, stand_in<const float>(), stand_in<float>())) == name(status::unknown_sequence));
+  CHECK(name(s.end_decode_step(one, obs, compressed)) == name(status::unknown_sequence));
+  CHECK(compressed.empty());
+  CHECK(name(s.free_sequence(1)) == name(status::unknown_sequence));
+  CHECK(name(s.add_sequence(1)) == name(status::invalid_argument));  // the cache has it
+  CHECK_FALSE(s.contains(1));
+  CHECK(c.cache.head_length(1, 0, 0) == 40);
+
+  REQUIRE(name(s.add_sequence(3)) == name(status::success));
+  REQUIRE(name(s.add_sequence(4)) == name(status::success));
+  CHECK(name(s.add_sequence(5)) == name(status::pool_exhausted));  // four rows
+  CHECK_FALSE(s.contains(5));
+  CHECK(name(s.end_decode_step(both, obs, compressed)) == name(status::invalid_argument));  // over max_batch 1
+  CHECK(name(s.end_decode_step(twice, obs, compressed)) == name(status::invalid_argument));
+  CHECK(name(s.end_decode_step(three, too_many_rows, compressed)) == name(status::invalid_argument));
+  CHECK(s.decode_steps(3) == 0);  // refused steps are not counted
+  CHECK(name(s.finish_prefill(three, obs)) == name(status::empty_sequence));
+  CHECK(name(s.attend(three, 0, stand_in<const float>(), stand_in<float>())) == name(status::empty_sequence));
+  // SnapKV compresses after prefill only: a decode step counts and launches nothing.
+  REQUIRE(name(s.end_decode_step(three, obs, compressed)) == name(status::success));
+  CHECK(compressed.empty());
+  CHECK(s.decode_steps(3) == 1);
+  CHECK(s.decode_steps(4) == 0);
+  CHECK(s.decode_steps(9) == -1);
+  CHECK(c.cache.pool() == before);
+
+  REQUIRE(name(s.free_sequence(3)) == name(status::success));
+  CHECK_FALSE(s.contains(3));
+  CHECK_FALSE(c.cache.contains(3));
 }
