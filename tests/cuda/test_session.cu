@@ -129,7 +129,7 @@ TEMPLATE_TEST_CASE("the device session compresses what the CPU session does, ste
     run_sessions<kv::snapkv_policy, TestType>(p, d, true);
   }
   SECTION("StreamingLLM every step: no window rows") {
-    run_sessions<kv::streaming_llm_policy, TestType>(kv::streaming_llm({.budget = kv::token_budget::of_tokens(40), .sinks = 2}),
-                                                     d, false);
+    const auto p = kv::streaming_llm({.budget = kv::token_budget::of_tokens(40), .sinks = 2});
+    run_sessions<kv::streaming_llm_policy, TestType>(p, d, false);
   }
 }

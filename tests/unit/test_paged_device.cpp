@@ -98,7 +98,8 @@ TEST_CASE("the device cache holds what the host cache holds after the same opera
   CHECK(device.pool() == host.pool());
 }
 
-TEST_CASE("truncate keeps each head's first slots, frees the rest and updates the mirror once", "[cpu][cache][device]") {
+TEST_CASE("truncate keeps each head's first slots, frees the rest and updates the mirror once",
+          "[cpu][cache][device]") {
   paged_fixtures::device_memory<float> memory(config);
   struct counting_mover : host_mover {
     int* metadata_writes;

@@ -299,11 +299,10 @@ class block_tables {
     length_writes_.reserve(length_writes_.size() + lengths.size());
     for (size_t b = 0; b < seqs.size(); ++b) {
       const int32_t row = sequence_slot(seqs[b]);
+      const int32_t* length = lengths.data() + b * per_sequence;  // [L][H]
       for (int32_t l = 0; l < layers; ++l)
-        for (int32_t h = 0; h < heads; ++h) {
-          const size_t i = b * per_sequence + static_cast<size_t>(l) * static_cast<size_t>(heads) + static_cast<size_t>(h);
-          if (const status s = shrink(row, l, h, lengths[i]); s != status::success) return s;
-        }
+        for (int32_t h = 0; h < heads; ++h)
+          if (const status s = shrink(row, l, h, *length++); s != status::success) return s;
     }
     return status::success;
   }

@@ -236,8 +236,8 @@ class basic_paged_cache {
   //! Commits a compaction that already moved each head's survivors to its front (the CUDA
   //! backend's `compress_on_device`): every head of `seqs` keeps the first `lengths`
   //! ([seqs][L][H]) slots and returns its emptied trailing blocks to the pool, with one
-  //! mirror update for the whole batch. No data moves; all or nothing; allocates nothing.
-  //! Errors as block_tables::truncate.
+  //! mirror update for the whole batch. No data moves; all or nothing; a cache as created
+  //! allocates nothing here. Errors as block_tables::truncate.
   [[nodiscard]] status truncate(std::span<const int64_t> seqs, std::span<const int32_t> lengths) {
     if (const status s = tables_.truncate(seqs, lengths); s != status::success) return s;
     return storage_.sync(tables_);

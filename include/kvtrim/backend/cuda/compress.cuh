@@ -274,9 +274,8 @@ template <class Cache>
     rows[i] = cache.tables().sequence_slot(seqs[i]);
     if (rows[i] < 0) return status::unknown_sequence;
   }
-  for (size_t i = 0; i < rows.size(); ++i)
-    if (std::find(rows.begin(), rows.begin() + static_cast<ptrdiff_t>(i), rows[i]) != rows.begin() + static_cast<ptrdiff_t>(i))
-      return status::invalid_argument;
+  for (auto it = rows.begin(); it != rows.end(); ++it)
+    if (std::find(rows.begin(), it, *it) != it) return status::invalid_argument;
   return status::success;
 }
 

@@ -156,10 +156,10 @@ class compression_session {
 
   //! 4. Frees the sequence: all its blocks return to the pool.
   [[nodiscard]] status free_sequence(int64_t seq) {
-    const auto it = std::find_if(sequences_.begin(), sequences_.end(), [&](const sequence_state& s) { return s.id == seq; });
-    if (it == sequences_.end()) return status::unknown_sequence;
+    const sequence_state* state = find(seq);
+    if (!state) return status::unknown_sequence;
     if (const status s = cache_->free_sequence(seq); s != status::success) return s;
-    sequences_.erase(it);
+    sequences_.erase(sequences_.begin() + (state - sequences_.data()));
     return status::success;
   }
 
@@ -227,13 +227,13 @@ class compression_session {
     return status::success;
   }
 
-  [[nodiscard]] sequence_state* find(int64_t seq) noexcept {
-    const auto it = std::find_if(sequences_.begin(), sequences_.end(), [&](const sequence_state& s) { return s.id == seq; });
-    return it == sequences_.end() ? nullptr : &*it;
-  }
   [[nodiscard]] const sequence_state* find(int64_t seq) const noexcept {
-    const auto it = std::find_if(sequences_.begin(), sequences_.end(), [&](const sequence_state& s) { return s.id == seq; });
-    return it == sequences_.end() ? nullptr : &*it;
+    for (const sequence_state& s : sequences_)
+      if (s.id == seq) return &s;
+    return nullptr;
+  }
+  [[nodiscard]] sequence_state* find(int64_t seq) noexcept {
+    return const_cast<sequence_state*>(std::as_const(*this).find(seq));
   }
 
   cache_type* cache_ = nullptr;
