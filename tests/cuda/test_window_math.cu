@@ -23,8 +23,10 @@ constexpr float relative_tolerance = 2e-5f;
 //! Scores of both maths for the window metric `metric` on `batch` sequences of a cache.
 //! `bf16_queries`: queries that are bf16 values (a bf16 model's), whose low terms are zero, so
 //! the tensor-core path takes one MMA per tile instead of three.
+//! `shape`: the tensor-core tile shape to run instead of the widest that fits (the automatic
+//! math is then not compared: another tile width sums in another order).
 void compare_maths(const kv::window_attention& metric, const kv::protected_set& protect, int32_t d, int32_t group,
-                   int32_t window, int32_t bs, bool bf16_queries) {
+                   int32_t window, int32_t bs, bool bf16_queries, const cu::detail::mma_shape* shape = nullptr) {
   const kv::attention_shape model{2, 2 * group, 2, d};
   const int32_t n = 300;
   const kv::paged_cache_config config{model, bs, model.layers * model.kv_heads * 2 * (n / bs + 2), 2, n + 8};
@@ -74,7 +76,7 @@ void compare_maths(const kv::window_attention& metric, const kv::protected_set& 
   require_ok(cu::window_scores(a, ws.as<void>(), nullptr));
   a.scores = tensor.as<float>();
   a.math = cu::window_math::tensor_cores;
-  require_ok(cu::window_scores(a, ws.as<void>(), nullptr));
+  require_ok(cu::detail::run_window_scores(a, ws.as<void>(), nullptr, shape));
   a.scores = automatic.as<float>();
   a.math = cu::window_math::automatic;  // the default
   require_ok(cu::window_scores(a, ws.as<void>(), nullptr));
@@ -93,7 +95,7 @@ void compare_maths(const kv::window_attention& metric, const kv::protected_set& 
         const int32_t len = c.device.head_length(seqs[static_cast<size_t>(b)], l, h);
         const size_t row = ((static_cast<size_t>(b) * model.layers + l) * model.kv_heads + h) * a.stride;
         for (int32_t j = 0; j < len; ++j) {
-          differing += std::memcmp(&picked[row + j], &chosen[row + j], sizeof(float)) != 0 ? 1 : 0;
+          differing += !shape && std::memcmp(&picked[row + j], &chosen[row + j], sizeof(float)) != 0 ? 1 : 0;
           const float x = e[row + j], y = t[row + j];
           const float rel = std::fabs(x - y) / std::fmax(std::fabs(x), 1e-30f);
           worst = std::fmax(worst, x == y ? 0.f : rel);
@@ -132,6 +134,27 @@ TEST_CASE("tensor-core window scores equal the fp32 path's to rounding", "[cuda]
     const auto p = kv::kv_compress({.budget = b, .block_size = bs, .protected_window = 8});
     compare_maths(p.metric.observation, p.protect, d, group, 8, bs, bf16_queries);
   }
+}
+
+TEST_CASE("every tensor-core tile shape that fits the device scores as the fp32 path does", "[cuda]") {
+  // The device runs the widest shape that fits (mma_shape_for); smaller GPUs run the others.
+  int device = 0, optin = 0;
+  REQUIRE(cudaGetDevice(&device) == cudaSuccess);
+  REQUIRE(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess);
+  const int32_t d = GENERATE(8, 128);
+  const int32_t group = GENERATE(1, 4);
+  // racecheck's tier (KVTRIM_QUICK=2) keeps to the device's own shape, in the test above.
+  if (quick_level() >= 2) return;
+  const auto p = kv::pyramidkv({.budget = kv::token_budget::of_tokens(64), .window = 40, .pool = kv::pooling::avg,
+                                .kernel = 5});
+  int ran = 0;
+  for (const cu::detail::mma_shape& shape : cu::detail::mma_shapes) {
+    if (shape.smem_bytes(d) > optin) continue;
+    CAPTURE(d, group, shape.keys, shape.pairs, shape.stages);
+    compare_maths(p.metric, p.protect, d, group, 40, 16, false, &shape);
+    ++ran;
+  }
+  CHECK(ran > 0);
 }
 
 TEST_CASE("automatic window math picks tensor cores for bf16 keys where they apply, exact elsewhere", "[cuda]") {

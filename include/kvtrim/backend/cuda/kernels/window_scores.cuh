@@ -1127,18 +1127,17 @@ __global__ void group_reduce_kernel(const __grid_constant__ window_params<T> p, 
   }
 }
 
-}  // namespace detail
-
-//! Scores every slot of layers [first_layer, first_layer + layer_count) of the batch into
-//! `scores`, on `stream`. Entries past a head's length are left alone.
+//! window_scores, with the tensor-core passes in `forced` instead of the widest shape that
+//! fits the device (tests run each shape a smaller GPU would: the caller checks it fits).
 template <kv_element T>
-[[nodiscard]] status window_scores(const window_score_arguments<T>& a, void* workspace, cudaStream_t stream) {
+[[nodiscard]] status run_window_scores(const window_score_arguments<T>& a, void* workspace, cudaStream_t stream,
+                                       const mma_shape* forced) {
   if (const status s = can_implement(a); s != status::success) return s;
   if (a.batch == 0) return status::success;
   if (!workspace) return status::invalid_argument;
-  const detail::window_layout l = detail::window_layout_of(a);
-  detail::workspace_carver w(workspace);
-  detail::window_params<T> p{a, l, detail::base2_logit_scale(a.pool.head_dim)};
+  const window_layout l = window_layout_of(a);
+  workspace_carver w(workspace);
+  window_params<T> p{a, l, base2_logit_scale(a.pool.head_dim)};
   p.partial = w.take<float>(l.partial);
   p.stats = w.take<float>(l.stats);
   p.agg = w.take<float>(l.agg);
@@ -1148,52 +1147,62 @@ template <kv_element T>
   p.values_in = w.take<int32_t>(l.items);
   p.values_out = w.take<int32_t>(l.items);
   window_math math = window_math::exact;
-  detail::mma_shape shape;
-  if (const status s = detail::resolve_math<T>(a.math, a.pool.head_dim, math, shape, detail::keys_aligned_16(a.pool));
+  mma_shape shape;
+  if (const status s = resolve_math<T>(a.math, a.pool.head_dim, math, shape, keys_aligned_16(a.pool));
       s != status::success)
     return s;
+  if (forced) shape = *forced;
   if constexpr (std::is_same_v<T, bfloat16>) {  // can_implement refuses tensor_cores for other types
     if (math == window_math::tensor_cores) {
-      const status s = shape.keys == 128 ? detail::launch_mma_passes<T, 128>(p, shape, stream)
-                                         : detail::launch_mma_passes<T, 64>(p, shape, stream);
+      const status s = shape.keys == 128 ? launch_mma_passes<T, 128>(p, shape, stream)
+                                         : launch_mma_passes<T, 64>(p, shape, stream);
       if (s != status::success) return s;
     }
   }
   if (math == window_math::exact)
-    if (const status s = detail::launch_exact_passes(p, stream); s != status::success) return s;
+    if (const status s = launch_exact_passes(p, stream); s != status::success) return s;
   const int32_t et = default_tuning.elementwise.threads;
 
   // agg holds row sums per query head; the mean over rows divides them (as the CPU does)
   // before pooling and the group reduction, in the metric's order.
   const float divisor = a.metric.aggregation == query_aggregation::mean ? static_cast<float>(a.window) : 1.f;
-  const unsigned reduce_grid = detail::grid_for(l.heads * a.stride, et);
+  const unsigned reduce_grid = grid_for(l.heads * a.stride, et);
   if (!l.pool) {
-    detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.agg, a.scores, divisor);
+    group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.agg, a.scores, divisor);
     KVTRIM_CUDA_TRY(cudaGetLastError());
     return status::success;
   }
-  const unsigned x = static_cast<unsigned>(detail::ceil_div(a.stride, et) < 64 ? detail::ceil_div(a.stride, et) : 64);
+  const unsigned x = static_cast<unsigned>(ceil_div(a.stride, et) < 64 ? ceil_div(a.stride, et) : 64);
   // Rows stride over grid y, which stops at 65,535.
   const auto rows_grid = [](int64_t rows) { return static_cast<unsigned>(rows < 65535 ? rows : 65535); };
-  detail::position_keys_kernel<T><<<dim3(x, rows_grid(l.heads)), et, 0, stream>>>(p);
+  position_keys_kernel<T><<<dim3(x, rows_grid(l.heads)), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   const radix_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
-                                  detail::position_key_end_bit(l.heads)};
+                                  position_key_end_bit(l.heads)};
   if (const status s = radix_sort(sort, w.take<char>(static_cast<int64_t>(workspace_size(sort))), stream);
       s != status::success)
     return s;
   if (l.after_pool) {  // pool each query head's row, then reduce the group
-    detail::pool_kernel<T><<<dim3(x, rows_grid(l.heads * l.per_row)), et, 0, stream>>>(
+    pool_kernel<T><<<dim3(x, rows_grid(l.heads * l.per_row)), et, 0, stream>>>(
         p, p.agg, p.pooled, l.per_row, divisor);
     KVTRIM_CUDA_TRY(cudaGetLastError());
-    detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.pooled, a.scores, 1.f);
+    group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.pooled, a.scores, 1.f);
   } else {  // reduce the group, then pool
-    detail::group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.agg, p.pooled, divisor);
+    group_reduce_kernel<T><<<reduce_grid, et, 0, stream>>>(p, p.agg, p.pooled, divisor);
     KVTRIM_CUDA_TRY(cudaGetLastError());
-    detail::pool_kernel<T><<<dim3(x, rows_grid(l.heads)), et, 0, stream>>>(p, p.pooled, a.scores, 1, 1.f);
+    pool_kernel<T><<<dim3(x, rows_grid(l.heads)), et, 0, stream>>>(p, p.pooled, a.scores, 1, 1.f);
   }
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
+}
+
+}  // namespace detail
+
+//! Scores every slot of layers [first_layer, first_layer + layer_count) of the batch into
+//! `scores`, on `stream`. Entries past a head's length are left alone.
+template <kv_element T>
+[[nodiscard]] status window_scores(const window_score_arguments<T>& a, void* workspace, cudaStream_t stream) {
+  return detail::run_window_scores(a, workspace, stream, nullptr);
 }
 
 }  // namespace cuda
