@@ -26,6 +26,19 @@ std::vector<T> to_storage(const std::vector<float>& x) {
   std::transform(x.begin(), x.end(), out.begin(), [](float f) { return from_float<T>(f); });
   return out;
 }
+
+//! Adds `seqs` to a host and a device cache, each with the same `tokens` random tokens.
+template <kv_element T, class Host, class Device>
+void fill_both(Host& host, Device& device, const std::vector<int64_t>& seqs, int32_t tokens, std::mt19937& rng) {
+  for (const int64_t seq : seqs) {
+    REQUIRE(host.add_sequence(seq) == status::success);
+    REQUIRE(device.add_sequence(seq) == status::success);
+    const size_t count = static_cast<size_t>(model.layers) * tokens * model.kv_heads * model.head_dim;
+    const auto k = gaussian<T>(rng, count), v = gaussian<T>(rng, count);
+    REQUIRE(host.append(seq, iota_positions(0, tokens), k, v) == status::success);
+    REQUIRE(device.append(seq, iota_positions(0, tokens), to_storage<T>(k), to_storage<T>(v)) == status::success);
+  }
+}
 }  // namespace
 
 TEST_CASE("the device cache writes its pool and table mirror into the caller's buffers", "[cpu][cache][device]") {
@@ -78,14 +91,7 @@ TEST_CASE("the device cache holds what the host cache holds after the same opera
   auto host = paged_fixtures::make_cache<paged_cache<float16, 8>>(config);
   std::mt19937 rng(4);
   const std::vector<int64_t> seqs{0, 1};
-  for (const int64_t seq : seqs) {
-    REQUIRE(host.add_sequence(seq) == status::success);
-    REQUIRE(device.add_sequence(seq) == status::success);
-    const size_t count = static_cast<size_t>(model.layers) * 20 * model.kv_heads * model.head_dim;
-    const auto k = gaussian<float16>(rng, count), v = gaussian<float16>(rng, count);
-    REQUIRE(host.append(seq, iota_positions(0, 20), k, v) == status::success);
-    REQUIRE(device.append(seq, iota_positions(0, 20), to_storage<float16>(k), to_storage<float16>(v)) == status::success);
-  }
+  fill_both<float16>(host, device, seqs, 20, rng);
   const auto queries = gaussian(rng, static_cast<size_t>(model.layers) * 4 * model.q_heads * model.head_dim, 2.f);
   const auto observed = iota_positions(16, 4);
   const auto p = ada_kv({.budget = token_budget::of_tokens(7), .window = 3});
@@ -116,14 +122,7 @@ TEST_CASE("truncate keeps each head's first slots, frees the rest and updates th
   auto host = paged_fixtures::make_cache<paged_cache<float>>(config);
   std::mt19937 rng(5);
   const std::vector<int64_t> seqs{3, 8};
-  for (const int64_t seq : seqs) {
-    REQUIRE(host.add_sequence(seq) == status::success);
-    REQUIRE(device.add_sequence(seq) == status::success);
-    const size_t count = static_cast<size_t>(model.layers) * 13 * model.kv_heads * model.head_dim;
-    const auto k = gaussian(rng, count), v = gaussian(rng, count);
-    REQUIRE(host.append(seq, iota_positions(0, 13), k, v) == status::success);
-    REQUIRE(device.append(seq, iota_positions(0, 13), k, v) == status::success);
-  }
+  fill_both<float>(host, device, seqs, 13, rng);
   // [seq][layer][head]: 13 tokens (4 blocks of 4) down to 13, 9, 4, 1 / 2, 5, 8, 12.
   const std::vector<int32_t> lengths{13, 9, 4, 1, 2, 5, 8, 12};
   writes = 0;
