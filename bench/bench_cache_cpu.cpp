@@ -6,6 +6,10 @@
 //   compress        cpu::compress of a whole sequence (StreamingLLM, H2O: metrics without
 //                   queries, as in decode-time eviction)              bytes: the sequence's cache before
 //   copy            memcpy of the sequence's K/V, the bandwidth reference ("no compression")
+//   commit          the host side of a device compression (block tables only, no K/V): the
+//                   CUDA issue's shape, 8 sequences of 32k tokens kept to 2048 per head, by
+//                   truncate, against what cuda::compress did before it (an eviction plan per
+//                   sequence listing its kept prefix, applied one sequence at a time)
 // Counters: tokens/s, and blocks freed per compression. The benchmarks that refill a 2048-token
 // sequence before each timed step run a fixed number of iterations to keep the suite short.
 // Run: build with -DKVTRIM_BUILD_BENCHMARKS=ON, then ./bench/bench_cache_cpu
@@ -186,6 +190,71 @@ void copy(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(bytes));
 }
 
+constexpr int32_t commit_batch = 8, commit_tokens = 32768, commit_kept = 2048;
+
+//! Block tables of commit_batch sequences of commit_tokens tokens in every head of llama3_8b,
+//! with no store: the commit of a device compression only touches the tables.
+class commit_tables {
+ public:
+  commit_tables() : slots_(static_cast<size_t>(llama3_8b.layers) * commit_tokens * llama3_8b.kv_heads) {
+    const int32_t blocks_per_head = (commit_tokens + block_size - 1) / block_size;
+    const paged_cache_config config{llama3_8b, block_size,
+                                    commit_batch * llama3_8b.layers * llama3_8b.kv_heads * blocks_per_head,
+                                    commit_batch, commit_tokens};
+    throw_if_error(block_tables::create(config, 0, tables_), "bench tables");
+    for (int32_t b = 0; b < commit_batch; ++b) throw_if_error(tables_.add_sequence(b));
+    refill();
+  }
+  [[nodiscard]] block_tables& tables() noexcept { return tables_; }
+  //! Every sequence back to commit_tokens tokens a head, the journal replayed. The same object
+  //! throughout, as an engine's cache: its journal and free list stay allocated.
+  void refill() {
+    for (int32_t b = 0; b < commit_batch; ++b) {
+      throw_if_error(tables_.free_sequence(b));
+      throw_if_error(tables_.add_sequence(b));
+      throw_if_error(tables_.append(b, 0, llama3_8b.layers, commit_tokens, slots_, [] { return status::success; }));
+    }
+    tables_.clear_journal();
+  }
+
+ private:
+  block_tables tables_;
+  std::vector<int64_t> slots_;
+};
+
+void commit_truncate(benchmark::State& state) {
+  commit_tables c;
+  std::vector<int64_t> seqs(commit_batch);
+  for (int32_t b = 0; b < commit_batch; ++b) seqs[static_cast<size_t>(b)] = b;
+  const std::vector<int32_t> kept(static_cast<size_t>(commit_batch) * llama3_8b.layers * llama3_8b.kv_heads, commit_kept);
+  for (auto _ : state) {
+    throw_if_error(c.tables().truncate(seqs, kept));
+    state.PauseTiming();
+    c.refill();
+    state.ResumeTiming();
+  }
+}
+
+void commit_prefix_plans(benchmark::State& state) {
+  commit_tables c;
+  std::vector<int32_t> prefix(commit_kept);
+  for (int32_t j = 0; j < commit_kept; ++j) prefix[static_cast<size_t>(j)] = j;
+  compaction_steps steps;
+  for (auto _ : state) {
+    std::vector<eviction_plan> plans(commit_batch, eviction_plan(llama3_8b.layers, llama3_8b.kv_heads));
+    for (int32_t b = 0; b < commit_batch; ++b)
+      for (int32_t l = 0; l < llama3_8b.layers; ++l)
+        for (int32_t h = 0; h < llama3_8b.kv_heads; ++h)
+          plans[static_cast<size_t>(b)].set_head(l, h, commit_tokens, prefix);
+    for (int32_t b = 0; b < commit_batch; ++b)
+      throw_if_error(c.tables().apply(b, plans[static_cast<size_t>(b)], steps,
+                                      [](const compaction_steps&) { return status::success; }));
+    state.PauseTiming();
+    c.refill();
+    state.ResumeTiming();
+  }
+}
+
 void compress_streaming_llm(benchmark::State& state) {
   compress<bfloat16>(state, streaming_llm({.budget = token_budget::of_tokens(512), .sinks = 4}));
 }
@@ -202,5 +271,7 @@ BENCHMARK(apply<float>)->Name("llama3_8b/apply_quarter/fp32")->Iterations(20)->U
 BENCHMARK(apply<kvtrim::bfloat16>)->Name("llama3_8b/apply_quarter/bf16")->Iterations(20)->Unit(benchmark::kMillisecond);
 BENCHMARK(compress_streaming_llm)->Name("llama3_8b/compress/streaming_llm/bf16")->Iterations(8)->Unit(benchmark::kMillisecond);
 BENCHMARK(compress_h2o)->Name("llama3_8b/compress/h2o/bf16")->Iterations(8)->Unit(benchmark::kMillisecond);
+BENCHMARK(commit_truncate)->Name("llama3_8b/commit_8x32k_to_2048/truncate")->Unit(benchmark::kMillisecond);
+BENCHMARK(commit_prefix_plans)->Name("llama3_8b/commit_8x32k_to_2048/prefix_plans")->Unit(benchmark::kMillisecond);
 BENCHMARK(copy<float>)->Name("llama3_8b/copy_baseline/fp32")->Unit(benchmark::kMillisecond);
 BENCHMARK(copy<kvtrim::bfloat16>)->Name("llama3_8b/copy_baseline/bf16")->Unit(benchmark::kMillisecond);
