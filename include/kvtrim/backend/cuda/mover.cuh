@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "kvtrim/backend/cuda/error.cuh"
 #include "kvtrim/backend/cuda/kernels/append.cuh"
@@ -51,17 +52,22 @@ struct cuda_mover {
     return cuda::fill(dst, count, value, stream);
   }
 
+  //! Replays the journal in chunks of what the staging holds: a batch commit (`truncate`)
+  //! journals every sequence's freed blocks, more than one sequence's staging may hold. Each
+  //! upload waits on the stream for the scatter before it, so chunks reuse the staging.
   [[nodiscard]] status write_metadata(const metadata_params& p) const {
-    detail::workspace_carver w(staging);
-    metadata_write* tables = w.take<metadata_write>(static_cast<int64_t>(p.table_writes.size()));
-    metadata_write* lengths = w.take<metadata_write>(static_cast<int64_t>(p.length_writes.size()));
-    if (w.used() > staging_bytes) return status::invalid_argument;
-    if (const status s = upload(tables, p.table_writes.data(), p.table_writes.size_bytes()); s != status::success) return s;
-    if (const status s = upload(lengths, p.length_writes.data(), p.length_writes.size_bytes()); s != status::success) return s;
-    if (const status s = scatter_metadata(p.block_tables, tables, static_cast<int64_t>(p.table_writes.size()), stream);
-        s != status::success)
-      return s;
-    return scatter_metadata(p.lengths, lengths, static_cast<int64_t>(p.length_writes.size()), stream);
+    const auto chunk = static_cast<size_t>(staging_bytes / sizeof(metadata_write));
+    if (chunk == 0 && (!p.table_writes.empty() || !p.length_writes.empty())) return status::invalid_argument;
+    auto* staged = static_cast<metadata_write*>(staging);
+    for (const auto& [dst, writes] : {std::pair{p.block_tables, p.table_writes}, std::pair{p.lengths, p.length_writes}})
+      for (size_t first = 0; first < writes.size(); first += chunk) {
+        const size_t count = writes.size() - first < chunk ? writes.size() - first : chunk;
+        if (const status s = upload(staged, writes.data() + first, count * sizeof(metadata_write)); s != status::success)
+          return s;
+        if (const status s = scatter_metadata(dst, staged, static_cast<int64_t>(count), stream); s != status::success)
+          return s;
+      }
+    return status::success;
   }
 
   template <kv_element T>
