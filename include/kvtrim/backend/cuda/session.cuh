@@ -55,8 +55,9 @@ class compression_session {
                                      compression_session& out) {
     if (const status s = supports<T>(policy, model); s != status::success) return s;
     if (max_batch < 1 || max_rows < 0) return status::invalid_argument;
-    const size_t need = workspace_size(policy, cache, model, max_batch, max_rows);
-    if (!workspace || need == 0 || workspace_bytes < need) return status::invalid_argument;
+    const size_t gather = gather_bytes(model, max_batch, max_rows);
+    const size_t step = step_bytes(policy, cache, model, max_batch, max_rows);  // workspace_size's parts
+    if (!workspace || step == 0 || workspace_bytes < gather + step) return status::invalid_argument;
     compression_session s;
     s.cache_ = &cache;
     s.model_ = model;
@@ -64,8 +65,8 @@ class compression_session {
     s.max_batch_ = max_batch;
     s.max_rows_ = max_rows;
     s.gather_ = workspace;
-    s.step_ = static_cast<char*>(workspace) + gather_bytes(model, max_batch, max_rows);
-    s.step_bytes_ = workspace_bytes - gather_bytes(model, max_batch, max_rows);
+    s.step_ = static_cast<char*>(workspace) + gather;
+    s.step_bytes_ = workspace_bytes - gather;
     s.stream_ = stream;
     out = std::move(s);
     return status::success;

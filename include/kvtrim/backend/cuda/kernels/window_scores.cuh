@@ -1174,7 +1174,7 @@ template <kv_element T>
   }
   const unsigned x = static_cast<unsigned>(ceil_div(a.stride, et) < 64 ? ceil_div(a.stride, et) : 64);
   // Rows stride over grid y, which stops at 65,535.
-  const auto rows_grid = [](int64_t rows) { return static_cast<unsigned>(rows < 65535 ? rows : 65535); };
+  const auto rows_grid = [](int64_t rows) { return grid_for(rows, 1, 65535); };
   position_keys_kernel<T><<<dim3(x, rows_grid(l.heads)), et, 0, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   const radix_sort_arguments sort{p.keys_in, p.keys_out, p.values_in, p.values_out, l.items,
