@@ -204,7 +204,8 @@ TEST_CASE("allocation failure: truncate of a cache as created allocates nothing"
   // What cuda::compress relies on: its commit runs after the device compacted.
   paged_cache<float> cache = filled();
   const std::vector<int64_t> both{0, 1};
-  // Frees 48 blocks: more table writes than either append journaled (32 and 24).
+  // Shrinks every head of both sequences: 8 freed runs, which only the runs reserved when the
+  // cache was created hold (the appends before journaled none).
   const std::vector<int32_t> lengths(8, 1);
   status s = status::invalid_argument;
   bool threw = false;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "cache_invariants.hpp"
@@ -107,17 +108,24 @@ TEST_CASE("the device cache holds what the host cache holds after the same opera
 TEST_CASE("truncate keeps each head's first slots, frees the rest and updates the mirror once",
           "[cpu][cache][device]") {
   paged_fixtures::device_memory<float> memory(config);
+  struct journal_seen {
+    int updates = 0;
+    size_t table_writes = 0;
+    std::vector<metadata_clear> clears;
+  };
   struct counting_mover : host_mover {
-    int* metadata_writes;
+    journal_seen* seen;
     status write_metadata(const metadata_params& p) const {
-      ++*metadata_writes;
+      ++seen->updates;
+      seen->table_writes += p.table_writes.size();
+      seen->clears.insert(seen->clears.end(), p.table_clears.begin(), p.table_clears.end());
       return host_mover::write_metadata(p);
     }
   };
-  int writes = 0;
+  journal_seen seen;
   using cache_t = device_paged_cache<float, dynamic_head_dim, counting_mover>;
   cache_t device;
-  REQUIRE(cache_t::create(config, device_storage<float, counting_mover>{memory.buffers(), counting_mover{{}, &writes}},
+  REQUIRE(cache_t::create(config, device_storage<float, counting_mover>{memory.buffers(), counting_mover{{}, &seen}},
                           device) == status::success);
   auto host = paged_fixtures::make_cache<paged_cache<float>>(config);
   std::mt19937 rng(5);
@@ -125,9 +133,26 @@ TEST_CASE("truncate keeps each head's first slots, frees the rest and updates th
   fill_both<float>(host, device, seqs, 13, rng);
   // [seq][layer][head]: 13 tokens (4 blocks of 4) down to 13, 9, 4, 1 / 2, 5, 8, 12.
   const std::vector<int32_t> lengths{13, 9, 4, 1, 2, 5, 8, 12};
-  writes = 0;
+  seen = {};
   REQUIRE(device.truncate(seqs, lengths) == status::success);
-  CHECK(writes == 1);  // one scatter for the whole batch
+  CHECK(seen.updates == 1);  // one mirror update for the whole batch
+  // Freed blocks travel as one run per head that freed any (all but the first), not an
+  // entry each: 15 blocks in 7 runs, each starting where the head's kept blocks end.
+  CHECK(seen.table_writes == 0);
+  REQUIRE(seen.clears.size() == 7);
+  // (sequence, head of its [L][H]) of each run, and the blocks that head keeps.
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> runs{{3, 1, 3}, {3, 2, 1}, {3, 3, 1}, {8, 0, 1},
+                                                                {8, 1, 2}, {8, 2, 2}, {8, 3, 3}};
+  const int64_t max_blocks = config.max_blocks_per_head();
+  int64_t freed = 0;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const auto [seq, head, kept] = runs[i];
+    const int64_t row = device.tables().sequence_slot(seq);
+    CHECK(seen.clears[i].first == (row * model.layers * model.kv_heads + head) * max_blocks + kept);
+    CHECK(seen.clears[i].count == 4 - kept);
+    freed += seen.clears[i].count;
+  }
+  CHECK(freed == 15);
 
   // The host cache applying the same prefixes as plans ends in the same state.
   for (size_t b = 0; b < seqs.size(); ++b) {

@@ -8,7 +8,8 @@
 //! Every mutating call validates everything first, computes the data steps, runs the caller's
 //! data step, and commits the metadata only if that step succeeded: on any error nothing
 //! changed (strong guarantee). Every committed change is also journaled, so a device mirror
-//! of the tables can be updated with one scatter per operation.
+//! of the tables can be updated with one scatter per operation: new blocks as single entries,
+//! freed blocks as one run per head (a compression frees most of a head's blocks at once).
 
 #include <algorithm>
 #include <concepts>
@@ -35,6 +36,13 @@ concept status_step = std::invocable<F, Args...> && std::same_as<std::invoke_res
 struct metadata_write {
   int64_t index;  //!< flat index into block_tables [S][L][H][max_blocks] or lengths [S][L][H]
   int32_t value;
+};
+
+//! One committed run of table entries set to `block_tables::no_block`: the trailing blocks a
+//! head freed, contiguous in its table.
+struct metadata_clear {
+  int64_t first;  //!< flat index into block_tables [S][L][H][max_blocks] of the run's first entry
+  int64_t count;  //!< entries, at least 1
 };
 
 //! A compaction move between physical slots of the pool (K, V, position and metric travel).
@@ -69,10 +77,12 @@ class block_tables {
     const size_t heads = static_cast<size_t>(config.max_sequences) * static_cast<size_t>(config.heads_per_sequence());
     t.lengths_.assign(heads, 0);
     t.tables_.assign(heads * static_cast<size_t>(config.max_blocks_per_head()), no_block);
-    // One operation changes at most every block and every length, so the journal of a cache
-    // that replays it after each operation never allocates: `truncate` cannot fail for memory
-    // after the device compacted the slots it commits (a copy of the tables loses this).
+    // One operation takes at most every block, and clears and resizes every head at most once,
+    // so the journal of a cache that replays it after each operation never allocates:
+    // `truncate` cannot fail for memory after the device compacted the slots it commits (a
+    // copy of the tables loses this).
     t.table_writes_.reserve(static_cast<size_t>(config.num_blocks));
+    t.table_clears_.reserve(heads);
     t.length_writes_.reserve(heads);
     out = std::move(t);
     return status::success;
@@ -280,7 +290,7 @@ class block_tables {
     const int32_t layers = config_.shape.layers, heads = config_.shape.kv_heads;
     const size_t per_sequence = static_cast<size_t>(layers) * static_cast<size_t>(heads);
     if (lengths.size() != seqs.size() * per_sequence) return status::shape_mismatch;
-    size_t freed = 0;
+    size_t cleared = 0;  // heads that free blocks: one journal run each
     for (size_t b = 0; b < seqs.size(); ++b) {
       const int32_t row = sequence_slot(seqs[b]);
       if (row < 0) return status::unknown_sequence;
@@ -291,11 +301,11 @@ class block_tables {
       for (size_t i = 0; i < per_sequence; ++i) {
         const int32_t n = lengths[b * per_sequence + i];
         if (n < std::min(current[i], 1) || n > current[i]) return status::invalid_argument;
-        freed += static_cast<size_t>(blocks_for(current[i], config_.block_size) - blocks_for(n, config_.block_size));
+        if (blocks_for(n, config_.block_size) < blocks_for(current[i], config_.block_size)) ++cleared;
       }
     }
     // Any allocation happens here, before the first change.
-    table_writes_.reserve(table_writes_.size() + freed);
+    table_clears_.reserve(table_clears_.size() + cleared);
     length_writes_.reserve(length_writes_.size() + lengths.size());
     for (size_t b = 0; b < seqs.size(); ++b) {
       const int32_t row = sequence_slot(seqs[b]);
@@ -309,11 +319,15 @@ class block_tables {
 
   // ---- journal
 
+  //! Blocks taken: one entry each.
   [[nodiscard]] std::span<const metadata_write> table_writes() const noexcept { return table_writes_; }
+  //! Blocks freed: one run per head and operation, disjoint from the operation's table_writes.
+  [[nodiscard]] std::span<const metadata_clear> table_clears() const noexcept { return table_clears_; }
   [[nodiscard]] std::span<const metadata_write> length_writes() const noexcept { return length_writes_; }
   //! Forgets the journal once the owner has replayed it (or needs no mirror).
   void clear_journal() noexcept {
     table_writes_.clear();
+    table_clears_.clear();
     length_writes_.clear();
   }
 
@@ -346,9 +360,9 @@ class block_tables {
     // metadata was corrupted; it is reported all the same.
     if (const status s = pool_.release({table + keep, static_cast<size_t>(owned - keep)}); s != status::success)
       return s;
-    for (int32_t b = keep; b < owned; ++b) {
-      table[b] = no_block;
-      table_writes_.push_back({static_cast<int64_t>(head * max_blocks()) + b, no_block});
+    if (keep < owned) {
+      std::fill(table + keep, table + owned, no_block);
+      table_clears_.push_back({static_cast<int64_t>(head * max_blocks()) + keep, owned - keep});
     }
     if (lengths_[head] != length) {
       lengths_[head] = length;
@@ -363,8 +377,10 @@ class block_tables {
   std::vector<int64_t> ids_;      // [max_sequences] sequence id of each row, no_sequence if free
   std::vector<int32_t> lengths_;  // [max_sequences][L][H] tokens
   std::vector<int32_t> tables_;   // [max_sequences][L][H][max_blocks_per_head] block ids, no_block past the end
-  std::vector<metadata_write> table_writes_;   // journal since the last clear_journal()
-  std::vector<metadata_write> length_writes_;  // journal since the last clear_journal()
+  // The journal since the last clear_journal().
+  std::vector<metadata_write> table_writes_;
+  std::vector<metadata_clear> table_clears_;
+  std::vector<metadata_write> length_writes_;
 };
 
 KVTRIM_NAMESPACE_END

@@ -75,7 +75,8 @@ class device_storage {
   //! One scatter of the operation's table and length changes onto the mirror.
   [[nodiscard]] status sync(block_tables& tables) {
     const status s = mover_.write_metadata(
-        {buffers_.pointers.block_tables, buffers_.pointers.lengths, tables.table_writes(), tables.length_writes()});
+        {buffers_.pointers.block_tables, buffers_.pointers.lengths, tables.table_writes(), tables.table_clears(),
+         tables.length_writes()});
     tables.clear_journal();
     return s;
   }

@@ -100,12 +100,15 @@ struct head_write_params {
   std::span<const float> keys;         //!< [length][head_dim]
 };
 
-//! Replays the metadata journal onto the mirror of the block tables and lengths.
+//! Replays one operation's metadata journal onto the mirror of the block tables and lengths.
+//! The journal names every table entry and length at most once, so its parts may be
+//! replayed in any order.
 struct metadata_params {
   int32_t* block_tables = nullptr;
   int32_t* lengths = nullptr;
-  std::span<const metadata_write> table_writes;   //!< host
-  std::span<const metadata_write> length_writes;  //!< host
+  std::span<const metadata_write> table_writes;   //!< host: block_tables[index] = value
+  std::span<const metadata_clear> table_clears;   //!< host: block_tables[first, first + count) = no_block
+  std::span<const metadata_write> length_writes;  //!< host: lengths[index] = value
 };
 
 //! slot_mover: runs the data steps of a paged cache of element type T.
@@ -143,6 +146,8 @@ struct host_mover {
 
   [[nodiscard]] status write_metadata(const metadata_params& p) const noexcept {
     for (const metadata_write& w : p.table_writes) p.block_tables[w.index] = w.value;
+    for (const metadata_clear& c : p.table_clears)
+      std::fill_n(p.block_tables + c.first, c.count, block_tables::no_block);
     for (const metadata_write& w : p.length_writes) p.lengths[w.index] = w.value;
     return status::success;
   }

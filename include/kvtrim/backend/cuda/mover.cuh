@@ -12,7 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <utility>
+#include <span>
 
 #include "kvtrim/backend/cuda/error.cuh"
 #include "kvtrim/backend/cuda/kernels/append.cuh"
@@ -53,21 +53,37 @@ struct cuda_mover {
   }
 
   //! Replays the journal in chunks of what the staging holds: a batch commit (`truncate`)
-  //! journals every sequence's freed blocks, more than one sequence's staging may hold. Each
-  //! upload waits on the stream for the scatter before it, so chunks reuse the staging.
+  //! journals every head of every sequence it shrinks, more than one sequence's staging may
+  //! hold. Each upload waits on the stream for the kernel before it, so chunks reuse the
+  //! staging. Entries are scattered, freed runs cleared by a CTA each.
   [[nodiscard]] status write_metadata(const metadata_params& p) const {
-    const auto chunk = static_cast<size_t>(staging_bytes / sizeof(metadata_write));
-    if (chunk == 0 && (!p.table_writes.empty() || !p.length_writes.empty())) return status::invalid_argument;
-    auto* staged = static_cast<metadata_write*>(staging);
-    for (const auto& [dst, writes] : {std::pair{p.block_tables, p.table_writes}, std::pair{p.lengths, p.length_writes}})
-      for (size_t first = 0; first < writes.size(); first += chunk) {
-        const size_t count = writes.size() - first < chunk ? writes.size() - first : chunk;
-        if (const status s = upload(staged, writes.data() + first, count * sizeof(metadata_write)); s != status::success)
+    static_assert(sizeof(metadata_write) == sizeof(metadata_clear));
+    if (staging_bytes < sizeof(metadata_write) &&
+        (!p.table_writes.empty() || !p.table_clears.empty() || !p.length_writes.empty()))
+      return status::invalid_argument;
+    const auto replay = [&]<class Entry, class Kernel>(std::span<const Entry> entries, Kernel&& kernel) -> status {
+      const size_t chunk = staging_bytes / sizeof(Entry);
+      auto* staged = static_cast<Entry*>(staging);
+      for (size_t first = 0; first < entries.size(); first += chunk) {
+        const size_t count = entries.size() - first < chunk ? entries.size() - first : chunk;
+        if (const status s = upload(staged, entries.data() + first, count * sizeof(Entry)); s != status::success)
           return s;
-        if (const status s = scatter_metadata(dst, staged, static_cast<int64_t>(count), stream); s != status::success)
-          return s;
+        if (const status s = kernel(staged, static_cast<int64_t>(count)); s != status::success) return s;
       }
-    return status::success;
+      return status::success;
+    };
+    if (const status s = replay(p.table_writes, [&](const metadata_write* w, int64_t n) {
+          return scatter_metadata(p.block_tables, w, n, stream);
+        });
+        s != status::success)
+      return s;
+    if (const status s = replay(p.table_clears, [&](const metadata_clear* c, int64_t n) {
+          return clear_metadata(p.block_tables, c, n, stream);
+        });
+        s != status::success)
+      return s;
+    return replay(p.length_writes,
+                  [&](const metadata_write* w, int64_t n) { return scatter_metadata(p.lengths, w, n, stream); });
   }
 
   template <kv_element T>

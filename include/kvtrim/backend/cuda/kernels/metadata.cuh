@@ -1,8 +1,9 @@
 #pragma once
 //! \file metadata.cuh
-//! The small data steps of the device paged cache: fill (mirror initialisation), scatter of
-//! the metadata journal and of slot metrics, and the gather / overwrite of one head in slot
-//! order (kv_store read_head / rewrite_head). Index lists are device arrays.
+//! The small data steps of the device paged cache: fill (mirror initialisation), replay of
+//! the metadata journal (entries scattered, freed runs cleared), scatter of slot metrics, and
+//! the gather / overwrite of one head in slot order (kv_store read_head / rewrite_head).
+//! Index lists are device arrays.
 
 #include <cuda_runtime_api.h>
 
@@ -44,6 +45,21 @@ __global__ void scatter_kernel(const __grid_constant__ scatter_params p) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     p.dst[p.writes[i].index] = p.writes[i].value;
+}
+
+struct clear_params {
+  int32_t* dst;
+  const metadata_clear* clears;  // [count] device
+  int64_t count;
+};
+//! A CTA per run: a run is one head's freed blocks, up to its whole table.
+//! A template only so that the header may be included by several translation units.
+template <int Unused = 0>
+__global__ void clear_kernel(const __grid_constant__ clear_params p) {
+  for (int64_t r = blockIdx.x; r < p.count; r += gridDim.x) {
+    const metadata_clear c = p.clears[r];
+    for (int64_t i = threadIdx.x; i < c.count; i += blockDim.x) p.dst[c.first + i] = block_tables::no_block;
+  }
 }
 
 struct metric_scatter_params {
@@ -133,6 +149,17 @@ __global__ void head_write_kernel(const __grid_constant__ head_write_kernel_para
   if (count == 0) return status::success;
   const int32_t threads = default_tuning.elementwise.threads;
   detail::scatter_kernel<><<<detail::grid_for(count, threads), threads, 0, stream>>>({dst, writes, count});
+  KVTRIM_CUDA_TRY(cudaGetLastError());
+  return status::success;
+}
+
+//! dst[c.first, c.first + c.count) = no_block for each of the `count` device runs.
+[[nodiscard]] inline status clear_metadata(int32_t* dst, const metadata_clear* clears, int64_t count,
+                                           cudaStream_t stream) {
+  if (count < 0 || (count > 0 && (!dst || !clears))) return status::invalid_argument;
+  if (count == 0) return status::success;
+  const int32_t threads = default_tuning.elementwise.threads;
+  detail::clear_kernel<><<<detail::grid_for(count, 1), threads, 0, stream>>>({dst, clears, count});
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
 }
