@@ -2,7 +2,8 @@
 // pool) and a sequence of operations on it: add and free sequences, prefill chunks and decode
 // tokens (all layers or one), compression with each of the six presets and fuzzed parameters
 // (valid or not: budgets, ratios, windows, sinks, kernels, betas, alphas, block sizes, RoPE),
-// hand-made eviction plans (valid or corrupted), decode attention with accumulation, key
+// hand-made eviction plans (valid or corrupted), batch truncates (valid or not), decode
+// attention with accumulation, key
 // rewrites, re-rotation and reads with outputs of any size. A second mode drives the block
 // pool alone.
 //
@@ -251,7 +252,7 @@ class cache_run {
       case 12: return rewrite();
       case 13: return read();
       case 14: return rerotate();
-      default: return append(false);
+      default: return truncate();
     }
   }
 
@@ -550,6 +551,56 @@ class cache_run {
   }
 
   // ---- hand-made plans
+
+  //! Keeps a prefix of every head of a batch of sequences (the commit of a device
+  //! compression). The batch may name an unknown sequence or one twice; a length may be
+  //! above its head's or empty a non-empty head; the lengths may be too few or too many.
+  std::string truncate() {
+    std::vector<int64_t> seqs(static_cast<size_t>(in_.range(0, 3)));
+    for (int64_t& seq : seqs) seq = pick_sequence();
+    std::vector<int32_t> lengths;
+    status want = status::success;  // the first refusal in truncate's order of checks
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      const auto earlier = seqs.begin() + static_cast<ptrdiff_t>(b);
+      const bool known = model_.contains(seqs[b]);
+      if (want == status::success && !known) want = status::unknown_sequence;
+      if (want == status::success && std::find(seqs.begin(), earlier, seqs[b]) != earlier) want = status::invalid_argument;
+      for (int32_t l = 0; l < shape_.layers; ++l)
+        for (int32_t h = 0; h < shape_.kv_heads; ++h) {
+          const auto n = known ? static_cast<int32_t>(model_.head(seqs[b], l, h).size()) : 0;
+          int32_t length = n == 0 ? 0 : in_.range(1, n);
+          const uint8_t corruption = in_.byte();
+          if (corruption < 4) length = n + 1;                  // above the head
+          else if (corruption < 8 && n > 0) length = 0;        // empties it
+          else if (corruption < 10) length = in_.int32_edge(-3, -1);
+          if (want == status::success && (length > n || length < std::min(n, 1))) want = status::invalid_argument;
+          lengths.push_back(length);
+        }
+    }
+    const uint8_t count = in_.byte();
+    if (count < 6) {
+      lengths.push_back(0);
+      want = status::shape_mismatch;
+    } else if (count < 12 && !lengths.empty()) {
+      lengths.pop_back();
+      want = status::shape_mismatch;
+    }
+    const status got = cache_.truncate(seqs, lengths);
+    if (got == status::success) {
+      const int32_t* length = lengths.data();
+      for (const int64_t seq : seqs) {
+        eviction_plan plan(shape_.layers, shape_.kv_heads);
+        for (int32_t l = 0; l < shape_.layers; ++l)
+          for (int32_t h = 0; h < shape_.kv_heads; ++h) {
+            std::vector<int32_t> kept(static_cast<size_t>(*length++));
+            std::iota(kept.begin(), kept.end(), 0);
+            plan.set_head(l, h, static_cast<int32_t>(model_.head(seq, l, h).size()), kept);
+          }
+        model_.apply(seq, plan);
+      }
+    }
+    return done("truncate", got, want);
+  }
 
   std::string apply() {
     const int64_t seq = pick_sequence();

@@ -69,6 +69,12 @@ def rerotate():
     return [14, 0, 0, NO]
 
 
+def truncate(picks, lengths):
+    # picks: sequence choices (0 = first live); lengths: a byte per head of each pick, in
+    # order, each giving 1 + byte % the head's length
+    return [15, len(picks)] + picks + [b for raw in lengths for b in (raw, NO)] + [NO]
+
+
 def free(id_index=0):
     return [2, 204 + id_index]
 
@@ -84,6 +90,8 @@ SEEDS = {
     + ada_kv(8, 2, 4, 9) + attend(1, 2, 1) + free(2),
     "device_fp16_kv_compress": config(3, block=4, blocks=48) + add() + append(20, 7) + kv_compress(8, 5, 4, 3)
     + append(2, 8) + apply_keep_half(),
+    "device_fp16_truncate": config(3, block=4, blocks=48) + add() + add(1) + append(12, 3) + append(10, 4, live=1)
+    + truncate([0, 1], [4, 11, 0, 7, 2, 9, 1, 5]) + truncate([1, 1], [0] * 8) + append(3, 5) + free(),
     "pool_exhaustion": config(0, block=1, blocks=8, tokens=16) + add() + add(1) + append(3, 1) + append(6, 2, live=1)
     + append(1, 3) + free() + append(4, 4),
     "pool_only": [4, 20] + [0, 5, 0, 3, 255, 2, 0, 1, 255, 1, 255, 2, 9, 9, 0, 12],

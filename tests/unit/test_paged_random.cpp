@@ -1,6 +1,7 @@
 // Seeded random operations on the paged cache (add, free, prefill chunks, decode tokens,
 // single-layer appends, compression with each of the six presets, arbitrary and corrupted
-// plans, decode attention that accumulates metrics, key rewrites, bad calls), each followed
+// plans, batch truncates, decode attention that accumulates metrics, key rewrites, bad
+// calls), each followed
 // by the full invariant check (tests/support/cache_invariants.hpp) against an independent
 // model, and for every failed call a check that nothing changed.
 //
@@ -66,6 +67,7 @@ class random_run {
   }
   [[nodiscard]] int64_t successes() const { return successes_; }
   [[nodiscard]] int64_t compressions() const { return compressions_; }
+  [[nodiscard]] int64_t truncates() const { return truncates_; }
   [[nodiscard]] int64_t exhaustions() const { return exhaustions_; }
   [[nodiscard]] int64_t evicted() const { return evicted_; }
 
@@ -109,7 +111,8 @@ class random_run {
     if (kind < 27) return append(uniform(1, 10), -1);
     if (kind < 45) return append(1, -1);
     if (kind < 52) return append(uniform(1, 4), uniform(0, model.layers - 1));
-    if (kind < 70) return compress();
+    if (kind < 64) return compress();
+    if (kind < 70) return truncate();
     if (kind < 80) return random_plan();
     if (kind < 92) return attend();
     if (kind < 96) return rewrite();
@@ -210,6 +213,51 @@ class random_run {
       ++compressions_;
     }
     return expect(std::string("compress ") + name, got, want);
+  }
+
+  //! A random prefix of every head of a batch of 1-3 sequences (the commit of a device
+  //! compression); sometimes an unknown or repeated sequence, a bad length or a wrong count.
+  std::string truncate() {
+    std::vector<int64_t> seqs(static_cast<size_t>(uniform(1, 3)));
+    for (int64_t& seq : seqs) seq = pick_sequence();
+    std::vector<int32_t> lengths;
+    status want = status::success;  // the first refusal in truncate's order of checks
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      const bool known = model_.contains(seqs[b]);
+      const bool repeated = std::find(seqs.begin(), seqs.begin() + static_cast<ptrdiff_t>(b), seqs[b]) !=
+                            seqs.begin() + static_cast<ptrdiff_t>(b);
+      if (want == status::success && !known) want = status::unknown_sequence;
+      if (want == status::success && repeated) want = status::invalid_argument;
+      for (int32_t l = 0; l < model.layers; ++l)
+        for (int32_t h = 0; h < model.kv_heads; ++h) {
+          const auto n = known ? static_cast<int32_t>(model_.head(seqs[b], l, h).size()) : 0;
+          int32_t length = n == 0 ? 0 : uniform(1, n);
+          if (chance(0.02)) length = n + 1;
+          if (n > 0 && chance(0.02)) length = 0;
+          if (want == status::success && (length > n || length < std::min(n, 1))) want = status::invalid_argument;
+          lengths.push_back(length);
+        }
+    }
+    if (chance(0.03)) {
+      lengths.pop_back();
+      want = status::shape_mismatch;
+    }
+    const status got = cache_.truncate(seqs, lengths);
+    if (got == status::success) {
+      const auto* length = lengths.data();
+      for (const int64_t seq : seqs) {
+        eviction_plan plan(model.layers, model.kv_heads);
+        for (int32_t l = 0; l < model.layers; ++l)
+          for (int32_t h = 0; h < model.kv_heads; ++h) {
+            const auto n = static_cast<int32_t>(model_.head(seq, l, h).size());
+            plan.set_head(l, h, n, paged_fixtures::iota_positions(0, *length));
+            evicted_ += n - *length++;
+          }
+        model_.apply(seq, plan);
+      }
+      ++truncates_;
+    }
+    return expect("truncate", got, want);
   }
 
   //! An arbitrary kept set per head, with metrics sometimes; sometimes corrupted.
@@ -326,7 +374,8 @@ class random_run {
   std::map<int64_t, int32_t> next_;  // next position of each sequence
   status last_status_ = status::success;
   std::string mismatch_;  // set when a call's status differs from the model's prediction
-  int64_t successes_ = 0, compressions_ = 0, exhaustions_ = 0, evicted_ = 0;  // evicted: tokens, by compressions
+  // evicted: tokens, by compressions and truncates
+  int64_t successes_ = 0, compressions_ = 0, truncates_ = 0, exhaustions_ = 0, evicted_ = 0;
 };
 
 template <class Cache>
@@ -343,11 +392,13 @@ void run_host(uint64_t default_seed, int64_t default_ops, bool report) {
   // The run exercised what it is meant to.
   CHECK(run.successes() > ops / 3);
   CHECK(run.compressions() > ops / 50);
+  CHECK(run.truncates() > ops / 200);
   CHECK(run.evicted() > ops);
   CHECK(run.exhaustions() > 0);
   if (report)
     WARN(ops << " operations with seed " << seed << " in " << seconds << " s (" << run.compressions()
-             << " compressions evicting " << run.evicted() << " tokens, " << run.exhaustions() << " pool exhaustions)");
+             << " compressions and " << run.truncates() << " truncates evicting " << run.evicted() << " tokens, "
+             << run.exhaustions() << " pool exhaustions)");
 }
 }  // namespace
 
@@ -376,6 +427,7 @@ TEST_CASE("random operations keep every invariant: device cache, host mover, mir
   INFO(failure);
   CHECK(failure.empty());
   CHECK(run.compressions() > ops / 50);
+  CHECK(run.truncates() > ops / 200);
   CHECK(run.evicted() > ops);
 }
 
