@@ -1,5 +1,9 @@
 // Append of one decode token for a batch (every KV head of one layer, one launch) with a
-// device slot mapping: the kernel an engine calls each step.
+// device slot mapping: the kernel an engine calls each step. And the same step through the
+// device paged cache, whose host side computes the slots and updates the table mirror: one
+// append_layer per sequence against one for the batch.
+#include <chrono>
+
 #include "bench_support.cuh"
 
 namespace {
@@ -41,8 +45,59 @@ void bm_append(benchmark::State& state) {
   state.counters["copy_fraction"] = benchmark::Counter(bytes / copy_bandwidth(), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+//! One decode token of one layer for each of B sequences (1,000 tokens each) through the
+//! device cache, host work included: wall time from the first call to the stream's end.
+//! batched 0: B append_layer calls; 1: one append_layer of the batch.
+void bm_append_step(benchmark::State& state) {
+  if (!have_device()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  const auto batch = static_cast<int32_t>(state.range(0));
+  const bool batched = state.range(1) != 0;
+  constexpr int32_t n = 1000;  // inside a block: most steps take none
+  layer_cache c(batch, n);
+  if (!c.ok) {
+    state.SkipWithError("could not build the cache");
+    return;
+  }
+  const size_t row = static_cast<size_t>(kv_heads) * head_dim;  // one token of the layer
+  device_memory k(batch * row * sizeof(element)), v(k.bytes);
+  fill_random(k.as<element>(), batch * row, 3);
+  fill_random(v.as<element>(), batch * row, 4);
+  const std::vector<int32_t> positions(static_cast<size_t>(batch), n);
+  const std::vector<int32_t> lengths(static_cast<size_t>(batch) * kv_heads, n);
+  const auto slice = [&](const device_memory& m, size_t first, size_t count) {
+    return std::span<const element>(m.as<element>() + first, count);
+  };
+  const auto step = [&] {
+    if (batched) return c.cache.append_layer(c.seqs, 0, positions, slice(k, 0, batch * row), slice(v, 0, batch * row));
+    for (int32_t b = 0; b < batch; ++b) {
+      const auto at = static_cast<size_t>(b);
+      const kvtrim::status s = c.cache.append_layer(c.seqs[at], 0, std::span<const int32_t>(&positions[at], 1),
+                                                    slice(k, at * row, row), slice(v, at * row, row));
+      if (s != kvtrim::status::success) return s;
+    }
+    return kvtrim::status::success;
+  };
+  kvtrim::status st = kvtrim::status::success;
+  for (auto _ : state) {
+    cudaDeviceSynchronize();
+    const auto start = std::chrono::steady_clock::now();
+    st = step();
+    cudaDeviceSynchronize();
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    // Back to n tokens a head, untimed, so every step appends at the same place.
+    if (st == kvtrim::status::success) st = c.cache.truncate(c.seqs, lengths);
+    if (st != kvtrim::status::success) break;
+  }
+  if (st != kvtrim::status::success) state.SkipWithError(std::string(kvtrim::to_string(st)).c_str());
+}
+
 }  // namespace
 
+BENCHMARK(bm_append_step)->ArgsProduct({{8, 32}, {0, 1}})->UseManualTime()->Unit(benchmark::kMicrosecond)
+    ->ArgNames({"B", "batched"});
 BENCHMARK(bm_append)->Args({1, 1})->Args({8, 1})->Args({32, 1})->Args({1, 4096})->Args({8, 4096})
     ->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "tokens"});
 BENCHMARK_MAIN();

@@ -165,14 +165,20 @@ int64_t check_every_allocation_failing(Make&& make, Op&& op, Observe&& observe) 
   return 0;
 }
 
-//! The same on a fresh filled() cache (its tables must also stay valid).
+//! The same on a filled() cache as created, and on a copy of one, whose free list and journal
+//! hold only what they held: a call must make its room before it changes anything. The
+//! tables must stay valid. Returns the allocations `op` makes on the cache as created.
 template <class Op>
 int64_t check_every_allocation_failing(Op&& op) {
-  return check_every_allocation_failing([] { return std::make_unique<paged_cache<float>>(filled()); }, op,
-                                        [](const paged_cache<float>& c) {
-                                          CHECK(cache_invariants::check_tables(c.tables()).empty());
-                                          return state_of(c);
-                                        });
+  const auto observe = [](const paged_cache<float>& c) {
+    CHECK(cache_invariants::check_tables(c.tables()).empty());
+    return state_of(c);
+  };
+  const int64_t allocations =
+      check_every_allocation_failing([] { return std::make_unique<paged_cache<float>>(filled()); }, op, observe);
+  const paged_cache<float> original = filled();
+  check_every_allocation_failing([&] { return std::make_unique<paged_cache<float>>(original); }, op, observe);
+  return allocations;
 }
 
 }  // namespace
@@ -193,7 +199,13 @@ TEST_CASE("allocation failure: paged cache appends, adds, frees and plans change
   SECTION("apply a plan that keeps every other slot") {
     check_every_allocation_failing([](paged_cache<float>& c) { return c.apply(0, every_other_slot(c)); });
   }
-  SECTION("truncate both sequences (a copy of the cache, whose journal is not reserved)") {
+  SECTION("append a decode token to one layer of both sequences") {
+    const std::vector<int32_t> positions{30, 21};
+    const auto kb = gaussian(rng, static_cast<size_t>(2) * model.kv_heads * model.head_dim);
+    check_every_allocation_failing(
+        [&](paged_cache<float>& c) { return c.append_layer(std::vector<int64_t>{0, 1}, 1, positions, kb, kb); });
+  }
+  SECTION("truncate both sequences") {
     const std::vector<int32_t> lengths(2 * 4, 3);
     check_every_allocation_failing(
         [&](paged_cache<float>& c) { return c.truncate(std::vector<int64_t>{0, 1}, lengths); });

@@ -170,6 +170,78 @@ TEST_CASE("paged bad input: pool exhausted by a prefill chunk", "[cpu][cache][ba
   expect_rejected(cache, status::pool_exhausted, [&] { return cache.append(1, iota_positions(5, 16), rows(2, 16), rows(2, 16)); });
 }
 
+// ---- append to a batch (one layer of several sequences as one operation)
+
+TEST_CASE("paged bad input: batch append_layer naming an unknown sequence, or one twice", "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  const std::vector<int32_t> p{10, 5};
+  expect_rejected(cache, status::unknown_sequence,
+                  [&] { return cache.append_layer(std::vector<int64_t>{0, 6}, 0, p, rows(1, 2), rows(1, 2)); });
+  expect_rejected(cache, status::invalid_argument,
+                  [&] { return cache.append_layer(std::vector<int64_t>{1, 1}, 0, p, rows(1, 2), rows(1, 2)); });
+}
+
+TEST_CASE("paged bad input: batch append_layer to a layer out of range", "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  const std::vector<int32_t> p{10, 5};
+  for (const int32_t layer : {-1, 2}) {
+    CAPTURE(layer);
+    expect_rejected(cache, status::invalid_argument, [&] { return cache.append_layer(seqs, layer, p, rows(1, 2), rows(1, 2)); });
+    expect_rejected(cache, status::unknown_sequence,
+                    [&] { return cache.append_layer(std::vector<int64_t>{0, 6}, layer, p, rows(1, 2), rows(1, 2)); });
+  }
+}
+
+TEST_CASE("paged bad input: batch append_layer with positions of no tokens or not a multiple of the batch",
+          "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  expect_rejected(cache, status::invalid_argument, [&] { return cache.append_layer(seqs, 0, {}, {}, {}); });
+  const std::vector<int32_t> three{10, 11, 5};
+  expect_rejected(cache, status::shape_mismatch, [&] { return cache.append_layer(seqs, 0, three, rows(1, 3), rows(1, 3)); });
+}
+
+TEST_CASE("paged bad input: batch append_layer with a negative position, or K/V of the wrong size",
+          "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  const std::vector<int32_t> negative{10, -1}, p{10, 5};
+  expect_rejected(cache, status::invalid_argument, [&] { return cache.append_layer(seqs, 0, negative, rows(1, 2), rows(1, 2)); });
+  expect_rejected(cache, status::shape_mismatch, [&] { return cache.append_layer(seqs, 0, p, rows(1, 1), rows(1, 2)); });
+  expect_rejected(cache, status::shape_mismatch, [&] { return cache.append_layer(seqs, 0, p, rows(1, 2), rows(2, 2)); });
+}
+
+TEST_CASE("paged bad input: batch append_layer where one head would pass max_tokens_per_head",
+          "[cpu][cache][bad-input]") {
+  auto cache = filled();  // 15 more tokens fit sequence 1's heads (5), not sequence 0's (10 of 24)
+  std::vector<int32_t> p = iota_positions(10, 15);
+  const std::vector<int32_t> second = iota_positions(5, 15);
+  p.insert(p.end(), second.begin(), second.end());
+  expect_rejected(cache, status::invalid_argument, [&] { return cache.append_layer(seqs, 0, p, rows(1, 30), rows(1, 30)); });
+}
+
+TEST_CASE("paged bad input: batch append_layer that the pool holds for each sequence, not for both",
+          "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  REQUIRE(cache.append_layer(1, 1, iota_positions(5, 4), rows(1, 4), rows(1, 4)) == status::success);
+  REQUIRE(cache.pool().free_blocks() == 10);
+  // 13 tokens: 6 new blocks for each sequence's layer 0, 12 for both.
+  for (const int64_t seq : seqs) {
+    auto alone = cache;
+    CHECK(alone.append_layer(seq, 0, iota_positions(10, 13), rows(1, 13), rows(1, 13)) == status::success);
+  }
+  std::vector<int32_t> p = iota_positions(10, 13);
+  const std::vector<int32_t> second = iota_positions(9, 13);
+  p.insert(p.end(), second.begin(), second.end());
+  expect_rejected(cache, status::pool_exhausted, [&] { return cache.append_layer(seqs, 0, p, rows(1, 26), rows(1, 26)); });
+}
+
+TEST_CASE("paged bad input: batch append_layer of no sequences", "[cpu][cache][bad-input]") {
+  auto cache = filled();
+  const std::vector<int64_t> none;
+  expect_rejected(cache, status::shape_mismatch,
+                  [&] { return cache.append_layer(none, 0, iota_positions(10, 1), rows(1, 1), rows(1, 1)); });
+  expect_rejected(cache, status::success, [&] { return cache.append_layer(none, 0, {}, {}, {}); });
+}
+
 // ---- read / rewrite
 
 TEST_CASE("paged bad input: read_head of an unknown sequence", "[cpu][cache][bad-input]") {

@@ -7,6 +7,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <span>
 #include <vector>
 
 #include "cache_invariants.hpp"
@@ -124,6 +125,43 @@ TEST_CASE("append_layer fills one layer, and a decode token takes a block only w
   CHECK(cache.pool().used_blocks == 3);
   CHECK(head_positions(cache, 0, 1, 0) == std::vector<int32_t>{0, 1, 3, 4});
   CHECK(cache_invariants::check_tables(cache.tables()).empty());
+}
+
+TEST_CASE("a batch append_layer equals appending each sequence's tokens in turn", "[cpu][cache]") {
+  // bf16: the batch rounds its fp32 input like the single appends. Sequences of 3, 6 and 8
+  // tokens: with 2 tokens each, the second needs no new block, the others one per head.
+  auto batch = make_cache<paged_cache<bfloat16>>(small_config());
+  auto single = make_cache<paged_cache<bfloat16>>(small_config());
+  const std::vector<int64_t> seqs{4, 9, 2};
+  const std::vector<int32_t> lengths{3, 6, 8};
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    REQUIRE(batch.add_sequence(seqs[b]) == status::success);
+    REQUIRE(single.add_sequence(seqs[b]) == status::success);
+    fill(batch, seqs[b], 0, lengths[b], static_cast<uint32_t>(b));
+    fill(single, seqs[b], 0, lengths[b], static_cast<uint32_t>(b));
+  }
+  std::mt19937 rng(8);
+  constexpr int32_t tokens = 2;
+  const size_t per_sequence = static_cast<size_t>(tokens) * model.kv_heads * model.head_dim;
+  const auto k = gaussian(rng, seqs.size() * per_sequence), v = gaussian(rng, k.size());
+  std::vector<int32_t> positions;  // [B][t]: each sequence continues from its own length
+  for (const int32_t n : lengths)
+    for (int32_t t = 0; t < tokens; ++t) positions.push_back(n + t);
+  const int32_t used = batch.pool().used_blocks;
+  REQUIRE(batch.append_layer(seqs, 1, positions, k, v) == status::success);
+  CHECK(batch.pool().used_blocks == used + 2 * model.kv_heads);
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const auto slice = [&](const std::vector<float>& x) {
+      return std::span<const float>(x).subspan(b * per_sequence, per_sequence);
+    };
+    REQUIRE(single.append_layer(seqs[b], 1, std::span<const int32_t>(positions).subspan(b * tokens, tokens), slice(k),
+                                slice(v)) == status::success);
+  }
+  CHECK(batch.tables() == single.tables());
+  CHECK(paged_fixtures::take_dump(batch, seqs) == paged_fixtures::take_dump(single, seqs));
+  CHECK(batch.head_length(9, 1, 1) == 8);
+  CHECK(batch.head_length(9, 0, 1) == 6);
+  CHECK(cache_invariants::check_tables(batch.tables()).empty());
 }
 
 TEST_CASE("apply compacts with MoveCache moves, carries positions and metrics, frees trailing blocks", "[cpu][cache]") {

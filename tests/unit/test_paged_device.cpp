@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <span>
 #include <tuple>
 #include <vector>
 
@@ -168,6 +169,47 @@ TEST_CASE("truncate keeps each head's first slots, frees the rest and updates th
   CHECK(device.pool().used_blocks == 4 + 3 + 1 + 1 + 1 + 2 + 2 + 3);
   CHECK(cache_invariants::check_mirror(device.tables(), memory.tables, memory.lengths).empty());
   CHECK(cache_invariants::check_tables(device.tables()).empty());
+}
+
+TEST_CASE("a batch append_layer is one data step and one mirror update", "[cpu][cache][device]") {
+  struct step_counts {
+    int tokens = 0, metadata = 0;
+  };
+  struct counting_mover : host_mover {
+    step_counts* counts;
+    status write_tokens(const token_write_params<float, float>& p) const {
+      ++counts->tokens;
+      return host_mover::write_tokens(p);
+    }
+    status write_metadata(const metadata_params& p) const {
+      ++counts->metadata;
+      return host_mover::write_metadata(p);
+    }
+  };
+  paged_fixtures::device_memory<float> memory(config);
+  step_counts counts;
+  using cache_t = device_paged_cache<float, dynamic_head_dim, counting_mover>;
+  cache_t device;
+  REQUIRE(cache_t::create(config, device_storage<float, counting_mover>{memory.buffers(), counting_mover{{}, &counts}},
+                          device) == status::success);
+  auto host = paged_fixtures::make_cache<paged_cache<float>>(config);
+  std::mt19937 rng(6);
+  const std::vector<int64_t> seqs{5, 1};
+  fill_both<float>(host, device, seqs, 7, rng);
+  const size_t per_sequence = static_cast<size_t>(model.kv_heads) * model.head_dim;  // one token
+  const auto k = gaussian(rng, 2 * per_sequence), v = gaussian(rng, k.size());
+  const std::vector<int32_t> positions{7, 7};
+  counts = {};
+  REQUIRE(device.append_layer(seqs, 0, positions, k, v) == status::success);
+  CHECK(counts.tokens == 1);
+  CHECK(counts.metadata == 1);
+  for (size_t b = 0; b < seqs.size(); ++b)
+    REQUIRE(host.append_layer(seqs[b], 0, std::span<const int32_t>(positions).subspan(b, 1),
+                              std::span<const float>(k).subspan(b * per_sequence, per_sequence),
+                              std::span<const float>(v).subspan(b * per_sequence, per_sequence)) == status::success);
+  CHECK(device.tables() == host.tables());
+  CHECK(paged_fixtures::take_dump(device, seqs) == paged_fixtures::take_dump(host, seqs));
+  CHECK(cache_invariants::check_mirror(device.tables(), memory.tables, memory.lengths).empty());
 }
 
 TEST_CASE("the device cache reports the buffer sizes it needs", "[cpu][cache][device]") {

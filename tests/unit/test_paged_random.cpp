@@ -1,9 +1,9 @@
 // Seeded random operations on the paged cache (add, free, prefill chunks, decode tokens,
-// single-layer appends, compression with each of the six presets, arbitrary and corrupted
-// plans, batch truncates, decode attention that accumulates metrics, key rewrites, bad
-// calls), each followed
-// by the full invariant check (tests/support/cache_invariants.hpp) against an independent
-// model, and for every failed call a check that nothing changed.
+// single-layer appends to one sequence or a batch, compression with each of the six presets,
+// arbitrary and corrupted plans, batch truncates, decode attention that accumulates metrics,
+// key rewrites, bad calls), each followed by the full invariant check
+// (tests/support/cache_invariants.hpp) against an independent model, and for every failed
+// call a check that nothing changed.
 //
 // The CI tier runs 20,000 operations per configuration (well under a second each); the hidden
 // tier runs 1,000,000 (`kvtrim_unit_tests "[.slow]"`; tagged [.slow] only, so that "[cpu]" and
@@ -18,6 +18,8 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -110,7 +112,8 @@ class random_run {
     if (kind < 12) return free();
     if (kind < 27) return append(uniform(1, 10), -1);
     if (kind < 45) return append(1, -1);
-    if (kind < 52) return append(uniform(1, 4), uniform(0, model.layers - 1));
+    if (kind < 48) return append(uniform(1, 4), uniform(0, model.layers - 1));
+    if (kind < 52) return append_batch(uniform(1, 3), uniform(0, model.layers - 1));
     if (kind < 64) return compress();
     if (kind < 70) return truncate();
     if (kind < 80) return random_plan();
@@ -168,6 +171,47 @@ class random_run {
       next_[seq] = start + tokens;
     }
     return expect(layer < 0 ? "append" : "append_layer", got, want);
+  }
+
+  //! `tokens` tokens to one layer of a batch of 1-3 sequences (sometimes unknown or repeated)
+  //! in one call, each continuing from its own next position.
+  std::string append_batch(int32_t tokens, int32_t layer) {
+    std::vector<int64_t> seqs(static_cast<size_t>(uniform(1, 3)));
+    for (int64_t& seq : seqs) seq = pick_sequence();
+    const size_t per_sequence = static_cast<size_t>(tokens) * model.kv_heads * model.head_dim;
+    const auto k = paged_fixtures::gaussian<T>(rng_, seqs.size() * per_sequence);
+    const auto v = paged_fixtures::gaussian<T>(rng_, k.size());
+    std::vector<int32_t> positions;  // [B][t]
+    status want = status::success;
+    int64_t needed = 0;
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      const int64_t seq = seqs[b];
+      const int32_t start = model_.contains(seq) ? next_[seq] : 0;
+      for (int32_t t = 0; t < tokens; ++t) positions.push_back(start + t);
+      if (!model_.contains(seq)) {
+        want = status::unknown_sequence;
+        continue;
+      }
+      for (int32_t h = 0; h < model.kv_heads; ++h) {
+        const auto n = static_cast<int32_t>(model_.head(seq, layer, h).size());
+        if (n + tokens > config.max_tokens_per_head) needed = -1;
+        if (needed >= 0) needed += blocks_for(n + tokens, config.block_size) - blocks_for(n, config.block_size);
+      }
+    }
+    // The cache's order of checks: unknown sequences, then one named twice, a head that
+    // would overflow, and the pool.
+    const bool repeated = std::set<int64_t>(seqs.begin(), seqs.end()).size() != seqs.size();
+    if (want == status::success && (repeated || needed < 0)) want = status::invalid_argument;
+    if (want == status::success && needed > cache_.pool().free_blocks()) want = status::pool_exhausted;
+    const status got = cache_.append_layer(seqs, layer, positions, source(k), source(v));
+    if (got == status::success)
+      for (size_t b = 0; b < seqs.size(); ++b) {
+        model_.append(seqs[b], layer, 1, std::span<const int32_t>(positions).subspan(b * tokens, tokens),
+                      std::span<const float>(k).subspan(b * per_sequence, per_sequence),
+                      std::span<const float>(v).subspan(b * per_sequence, per_sequence));
+        next_[seqs[b]] += tokens;
+      }
+    return expect("append_layer batch", got, want);
   }
 
   //! One of the six presets with a random budget; the plan is computed first, then

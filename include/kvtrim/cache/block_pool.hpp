@@ -45,6 +45,10 @@ class block_pool {
     return status::success;
   }
 
+  //! Room for every block in the free list, so that release() allocates nothing (a pool as
+  //! constructed has it; a copy holds only its free blocks).
+  void reserve() { free_.reserve(in_use_.size()); }
+
   //! Returns blocks to the pool, or none: invalid_argument if any is unknown, already free,
   //! or named twice (a double free).
   [[nodiscard]] status release(std::span<const int32_t> blocks) noexcept {

@@ -5,11 +5,12 @@
 //! and the pool of free blocks. It decides where tokens go and which blocks a compaction
 //! frees; the cache that owns it moves the data (docs/cache.md).
 //!
-//! Every mutating call validates everything first, computes the data steps, runs the caller's
-//! data step, and commits the metadata only if that step succeeded: on any error nothing
-//! changed (strong guarantee). Every committed change is also journaled, so a device mirror
-//! of the tables can be updated with one scatter per operation: new blocks as single entries,
-//! freed blocks as one run per head (a compression frees most of a head's blocks at once).
+//! Every mutating call validates everything first, computes the data steps, reserves what
+//! its commit needs, runs the caller's data step, and commits the metadata only if that step
+//! succeeded: on any error, std::bad_alloc included, nothing changed (strong guarantee).
+//! Every committed change is also journaled, so a device mirror of the tables can be updated
+//! with one scatter per operation: new blocks as single entries, freed blocks as one run per
+//! head (a compression frees most of a head's blocks at once).
 
 #include <algorithm>
 #include <concepts>
@@ -120,6 +121,7 @@ class block_tables {
   [[nodiscard]] status free_sequence(int64_t seq) {
     const int32_t row = sequence_slot(seq);
     if (row < 0) return status::unknown_sequence;
+    reserve_shrinks(1);
     for (int32_t l = 0; l < config_.shape.layers; ++l)
       for (int32_t h = 0; h < config_.shape.kv_heads; ++h) {
         if (const status s = shrink(row, l, h, 0); s != status::success) return s;
@@ -180,65 +182,91 @@ class block_tables {
 
   // ---- operations
 
-  //! Appends `tokens` tokens to every head of layers [first, first + layers) of `seq`.
-  //! `slots` [layers][tokens][H] receives the physical slot of each new token (vLLM's
-  //! slot_mapping per KV head); then `write()` stores the data and, if it succeeds, the
-  //! blocks are taken and the lengths grow. Errors: unknown_sequence; invalid_argument for a
-  //! bad layer range, no tokens, or a head that would pass max_tokens_per_head;
-  //! shape_mismatch for a wrong `slots` size; pool_exhausted when the pool has fewer free
-  //! blocks than the heads need together.
+  //! Appends `tokens` tokens to every head of layers [first, first + layers) of each sequence
+  //! of `seqs`, all or none. `slots` [seqs][layers][tokens][H] receives the physical slot of
+  //! each new token (vLLM's slot_mapping per KV head); then `write()` stores the data and, if
+  //! it succeeds, the blocks are taken and the lengths grow. Errors: unknown_sequence;
+  //! invalid_argument for a sequence named twice, a bad layer range, no tokens, or a head that
+  //! would pass max_tokens_per_head; shape_mismatch for a wrong `slots` size; pool_exhausted
+  //! when the pool has fewer free blocks than the heads need together.
   template <status_step Write>
-  [[nodiscard]] status append(int64_t seq, int32_t first, int32_t layers, int32_t tokens, std::span<int64_t> slots,
-                              Write&& write) {
-    const int32_t row = sequence_slot(seq);
-    if (row < 0) return status::unknown_sequence;
+  [[nodiscard]] status append(std::span<const int64_t> seqs, int32_t first, int32_t layers, int32_t tokens,
+                              std::span<int64_t> slots, Write&& write) {
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      if (sequence_slot(seqs[b]) < 0) return status::unknown_sequence;
+      // Quadratic, but a batch is short, and a set would allocate.
+      const auto earlier = seqs.begin() + static_cast<ptrdiff_t>(b);
+      if (std::find(seqs.begin(), earlier, seqs[b]) != earlier) return status::invalid_argument;
+    }
     const int32_t heads = config_.shape.kv_heads;
     if (first < 0 || layers < 1 || layers > config_.shape.layers - first || tokens < 1) return status::invalid_argument;
-    if (slots.size() != static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads))
+    if (slots.size() != seqs.size() * static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads))
       return status::shape_mismatch;
     int64_t needed = 0;
-    for (int32_t l = first; l < first + layers; ++l)
-      for (int32_t h = 0; h < heads; ++h) {
-        const int32_t n = lengths_[head_index(row, l, h)];
-        if (n > config_.max_tokens_per_head - tokens) return status::invalid_argument;
-        needed += blocks_for(n + tokens, config_.block_size) - blocks_for(n, config_.block_size);
-      }
+    for (const int64_t seq : seqs) {
+      const int32_t row = sequence_slot(seq);
+      for (int32_t l = first; l < first + layers; ++l)
+        for (int32_t h = 0; h < heads; ++h) {
+          const int32_t n = lengths_[head_index(row, l, h)];
+          if (n > config_.max_tokens_per_head - tokens) return status::invalid_argument;
+          needed += blocks_for(n + tokens, config_.block_size) - blocks_for(n, config_.block_size);
+        }
+    }
     if (needed > pool_.free_count()) return status::pool_exhausted;
+    // Any allocation happens here, before the first change (a cache as created has the room).
+    table_writes_.reserve(table_writes_.size() + static_cast<size_t>(needed));
+    length_writes_.reserve(length_writes_.size() + slots.size() / static_cast<size_t>(tokens));
 
     // Where each token goes, taking new blocks in the order allocate() will hand them out.
     const std::span<const int32_t> free_list = pool_.free_list();
     size_t taken = 0;
     const int32_t bs = config_.block_size;
-    for (int32_t l = first; l < first + layers; ++l)
-      for (int32_t h = 0; h < heads; ++h) {
-        const size_t head = head_index(row, l, h);
-        const int32_t n = lengths_[head];
-        const int32_t owned = blocks_for(n, bs);
-        const int32_t* table = tables_.data() + head * max_blocks();
-        for (int32_t t = 0; t < tokens; ++t) {
-          const int32_t j = n + t;
-          const int32_t b = j / bs;
-          const int32_t block = b < owned ? table[b] : free_list[free_list.size() - 1 - taken - static_cast<size_t>(b - owned)];
-          slots[(static_cast<size_t>(l - first) * tokens + static_cast<size_t>(t)) * heads + static_cast<size_t>(h)] =
-              static_cast<int64_t>(block) * bs + j % bs;
+    int64_t* slot = slots.data();
+    for (const int64_t seq : seqs) {
+      const int32_t row = sequence_slot(seq);
+      for (int32_t l = first; l < first + layers; ++l) {
+        for (int32_t h = 0; h < heads; ++h) {
+          const size_t head = head_index(row, l, h);
+          const int32_t n = lengths_[head];
+          const int32_t owned = blocks_for(n, bs);
+          const int32_t* table = tables_.data() + head * max_blocks();
+          for (int32_t t = 0; t < tokens; ++t) {
+            const int32_t j = n + t;
+            const int32_t b = j / bs;
+            const int32_t block =
+                b < owned ? table[b] : free_list[free_list.size() - 1 - taken - static_cast<size_t>(b - owned)];
+            slot[static_cast<size_t>(t) * heads + static_cast<size_t>(h)] = static_cast<int64_t>(block) * bs + j % bs;
+          }
+          taken += static_cast<size_t>(blocks_for(n + tokens, bs) - owned);
         }
-        taken += static_cast<size_t>(blocks_for(n + tokens, bs) - owned);
+        slot += static_cast<size_t>(tokens) * heads;
       }
+    }
     if (const status s = write(); s != status::success) return s;
 
-    for (int32_t l = first; l < first + layers; ++l)
-      for (int32_t h = 0; h < heads; ++h) {
-        const size_t head = head_index(row, l, h);
-        const int32_t owned = blocks_for(lengths_[head], bs);
-        const int32_t grown = blocks_for(lengths_[head] + tokens, bs);
-        const std::span<int32_t> fresh(tables_.data() + head * max_blocks() + owned, static_cast<size_t>(grown - owned));
-        if (const status s = pool_.allocate(fresh); s != status::success) return s;
-        for (size_t i = 0; i < fresh.size(); ++i)
-          table_writes_.push_back({static_cast<int64_t>(head * max_blocks()) + owned + static_cast<int64_t>(i), fresh[i]});
-        lengths_[head] += tokens;
-        length_writes_.push_back({static_cast<int64_t>(head), lengths_[head]});
-      }
+    for (const int64_t seq : seqs) {
+      const int32_t row = sequence_slot(seq);
+      for (int32_t l = first; l < first + layers; ++l)
+        for (int32_t h = 0; h < heads; ++h) {
+          const size_t head = head_index(row, l, h);
+          const int32_t owned = blocks_for(lengths_[head], bs);
+          const int32_t grown = blocks_for(lengths_[head] + tokens, bs);
+          const std::span<int32_t> fresh(tables_.data() + head * max_blocks() + owned, static_cast<size_t>(grown - owned));
+          if (const status s = pool_.allocate(fresh); s != status::success) return s;
+          for (size_t i = 0; i < fresh.size(); ++i)
+            table_writes_.push_back({static_cast<int64_t>(head * max_blocks()) + owned + static_cast<int64_t>(i), fresh[i]});
+          lengths_[head] += tokens;
+          length_writes_.push_back({static_cast<int64_t>(head), lengths_[head]});
+        }
+    }
     return status::success;
+  }
+
+  //! The same for one sequence: `slots` [layers][tokens][H].
+  template <status_step Write>
+  [[nodiscard]] status append(int64_t seq, int32_t first, int32_t layers, int32_t tokens, std::span<int64_t> slots,
+                              Write&& write) {
+    return append(std::span<const int64_t>(&seq, 1), first, layers, tokens, slots, std::forward<Write>(write));
   }
 
   //! Applies `plan` to `seq`: validates it against the current lengths (invalid_plan),
@@ -269,6 +297,7 @@ class block_tables {
         for (const slot_move& mv : steps.head_moves)
           steps.moves.push_back({physical_slot(table, mv.dst), physical_slot(table, mv.src)});
       }
+    reserve_shrinks(1);
     if (const status s = move(std::as_const(steps)); s != status::success) return s;
 
     for (int32_t l = 0; l < layers; ++l)
@@ -282,7 +311,7 @@ class block_tables {
   //! ([seqs][L][H]), keeping its first slots, and returns the emptied trailing blocks to the
   //! pool: the commit of a compaction that already moved each head's survivors to its front
   //! (the CUDA backend's). All or nothing, std::bad_alloc included; a cache as created (not
-  //! a copy) has its journal reserved and allocates nothing here. Errors: shape_mismatch
+  //! a copy) has the room reserved and allocates nothing here. Errors: shape_mismatch
   //! for a wrong `lengths` size; unknown_sequence; invalid_argument for a sequence named
   //! twice, a length above the head's, or below 1 for a non-empty head (as `apply`, it never
   //! empties a head).
@@ -307,6 +336,7 @@ class block_tables {
     // Any allocation happens here, before the first change.
     table_clears_.reserve(table_clears_.size() + cleared);
     length_writes_.reserve(length_writes_.size() + lengths.size());
+    pool_.reserve();
     for (size_t b = 0; b < seqs.size(); ++b) {
       const int32_t row = sequence_slot(seqs[b]);
       const int32_t* length = lengths.data() + b * per_sequence;  // [L][H]
@@ -348,6 +378,15 @@ class block_tables {
   }
   [[nodiscard]] static memory_usage add(memory_usage a, memory_usage b) noexcept {
     return {a.tokens + b.tokens, a.blocks + b.blocks, a.bytes + b.bytes};
+  }
+
+  //! Room for shrinking every head of `sequences` sequences (journal, free list): any
+  //! allocation happens before the first change (a cache as created already has it).
+  void reserve_shrinks(size_t sequences) {
+    const size_t heads = sequences * static_cast<size_t>(config_.heads_per_sequence());
+    table_clears_.reserve(table_clears_.size() + heads);
+    length_writes_.reserve(length_writes_.size() + heads);
+    pool_.reserve();
   }
 
   //! Cuts head (row, l, h) to `length` tokens and returns its emptied trailing blocks.

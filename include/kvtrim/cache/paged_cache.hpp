@@ -162,8 +162,23 @@ class basic_paged_cache {
   //! token). positions [t]; k, v [t][H][d]. New slots get metric 0.
   [[nodiscard]] status append_layer(int64_t seq, int32_t layer, std::span<const int32_t> positions,
                                     std::span<const source_type> k, std::span<const source_type> v) {
-    if (layer < 0 || layer >= shape().layers) return contains(seq) ? status::invalid_argument : status::unknown_sequence;
-    return append_layers(seq, layer, 1, positions, k, v);
+    return append_layer(std::span<const int64_t>(&seq, 1), layer, positions, k, v);
+  }
+
+  //! Appends tokens to every head of one layer of each sequence of `seqs` as one operation:
+  //! a decode step of a batch is one data step (one launch on the device) and one mirror
+  //! update, not one per sequence. positions [B][t]; k, v [B][t][H][d]. All or nothing:
+  //! invalid_argument for a sequence named twice; pool_exhausted when the pool cannot hold
+  //! the whole batch. An empty batch with no data does nothing.
+  [[nodiscard]] status append_layer(std::span<const int64_t> seqs, int32_t layer, std::span<const int32_t> positions,
+                                    std::span<const source_type> k, std::span<const source_type> v) {
+    if (seqs.empty()) return positions.empty() && k.empty() && v.empty() ? status::success : status::shape_mismatch;
+    if (layer < 0 || layer >= shape().layers) {
+      for (const int64_t seq : seqs)
+        if (!contains(seq)) return status::unknown_sequence;
+      return status::invalid_argument;
+    }
+    return append_rows(seqs, layer, 1, positions, k, v);
   }
 
   //! Appends tokens to every layer and head (a prefill chunk, or one decode token of the
@@ -171,7 +186,7 @@ class basic_paged_cache {
   //! pool_exhausted when the pool cannot hold the chunk.
   [[nodiscard]] status append(int64_t seq, std::span<const int32_t> positions, std::span<const source_type> k,
                               std::span<const source_type> v) {
-    return append_layers(seq, 0, shape().layers, positions, k, v);
+    return append_rows(std::span<const int64_t>(&seq, 1), 0, shape().layers, positions, k, v);
   }
 
   // ---- kv_store
@@ -251,18 +266,26 @@ class basic_paged_cache {
   [[nodiscard]] pool_usage pool() const noexcept { return tables_.pool_state(); }
 
  private:
-  [[nodiscard]] status append_layers(int64_t seq, int32_t first, int32_t layers, std::span<const int32_t> positions,
-                                     std::span<const source_type> k, std::span<const source_type> v) {
-    if (!contains(seq)) return status::unknown_sequence;
-    const auto tokens = static_cast<int32_t>(positions.size());
-    if (tokens == 0) return status::invalid_argument;
+  //! Appends to layers [first, first + layers) of each sequence of `seqs`: positions [B][t];
+  //! k, v [B][layers][t][H][d]. A batch appends to one layer, a single sequence to any: the
+  //! mover gives row r the position positions[(r / H) % (B t)].
+  [[nodiscard]] status append_rows(std::span<const int64_t> seqs, int32_t first, int32_t layers,
+                                   std::span<const int32_t> positions, std::span<const source_type> k,
+                                   std::span<const source_type> v) {
+    for (const int64_t seq : seqs)
+      if (!contains(seq)) return status::unknown_sequence;
+    const size_t batch = seqs.size();
+    if (positions.empty()) return status::invalid_argument;
+    if (positions.size() % batch != 0) return status::shape_mismatch;
+    if (positions.size() / batch > static_cast<size_t>(config().max_tokens_per_head)) return status::invalid_argument;
+    const auto tokens = static_cast<int32_t>(positions.size() / batch);
     for (const int32_t p : positions)
       if (p < 0 || p > max_position) return status::invalid_argument;
     const int32_t heads = shape().kv_heads;
-    const size_t rows = static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads);
+    const size_t rows = batch * static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads);
     if (k.size() != rows * static_cast<size_t>(head_dim()) || v.size() != k.size()) return status::shape_mismatch;
     slots_.resize(rows);
-    const status s = tables_.append(seq, first, layers, tokens, slots_, [&] {
+    const status s = tables_.append(seqs, first, layers, tokens, slots_, [&] {
       return storage_.mover().write_tokens(
           token_write_params<T, source_type>{storage_.buffers(), k.data(), v.data(), positions, slots_, heads, head_dim()});
     });
@@ -281,7 +304,7 @@ class basic_paged_cache {
 
   block_tables tables_;
   Storage storage_;
-  std::vector<int64_t> slots_;  // scratch: [layers][tokens][H] physical slots of an append
+  std::vector<int64_t> slots_;  // scratch: [B][layers][tokens][H] physical slots of an append
   compaction_steps steps_;      // scratch: the data steps of an apply
 };
 

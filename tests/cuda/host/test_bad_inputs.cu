@@ -495,6 +495,9 @@ TEST_CASE("cuda bad input: the device session refuses bad limits, workspaces and
   std::vector<int64_t> compressed{42};
 
   // Sequence 1 is in the cache but not in the session.
+  const std::vector<float> token(static_cast<size_t>(model.kv_heads) * model.head_dim, 0.5f);
+  const std::vector<int32_t> at{40};
+  CHECK(name(s.append(one, 0, at, token, token)) == name(status::unknown_sequence));
   CHECK(name(s.finish_prefill(one, obs)) == name(status::unknown_sequence));
   CHECK(name(s.compress(one, obs)) == name(status::unknown_sequence));
   CHECK(name(s.attend(one, 0, stand_in<const float>(), stand_in<float>())) == name(status::unknown_sequence));

@@ -4,9 +4,9 @@
 //! counterpart of engine/session.hpp. One policy for every sequence (a batch compresses in one
 //! launch sequence), the schedule counted per sequence:
 //!   add_sequence -> append (prefill chunks) -> finish_prefill (compress with the window
-//!   queries) -> per decode step: append, attend (accumulating slot metrics if the policy's
-//!   metric does), end_decode_step (compresses the sequences whose schedule fires) ->
-//!   free_sequence.
+//!   queries) -> per decode step: for each layer, append (the batch's tokens in one call) and
+//!   attend (accumulating slot metrics if the policy's metric does); then end_decode_step
+//!   (compresses the sequences whose schedule fires) -> free_sequence.
 //! The library allocates nothing on the device: the caller gives one workspace, sized by
 //! `workspace_size`, that every step of the session reuses on its stream.
 
@@ -96,6 +96,15 @@ class compression_session {
                               std::span<const T> v) {
     if (!contains(seq)) return status::unknown_sequence;
     return cache_->append_layer(seq, layer, positions, k, v);
+  }
+  //! 1./3. Appends K/V (device memory, T) of one layer to each sequence of `seqs` in one
+  //! launch and one mirror update: a decode step's token of a batch. positions [B][t]; k, v
+  //! [B][t][Hkv][d]. All or nothing (basic_paged_cache::append_layer).
+  [[nodiscard]] status append(std::span<const int64_t> seqs, int32_t layer, std::span<const int32_t> positions,
+                              std::span<const T> k, std::span<const T> v) {
+    for (const int64_t seq : seqs)
+      if (!contains(seq)) return status::unknown_sequence;
+    return cache_->append_layer(seqs, layer, positions, k, v);
   }
   //! 1. Appends K/V of every layer: positions [t]; k, v [L][t][Hkv][d].
   [[nodiscard]] status append(int64_t seq, std::span<const int32_t> positions, std::span<const T> k,
