@@ -55,4 +55,14 @@ TEST_CASE("the CUDA mover replays a journal larger than its staging in chunks", 
   CHECK(std::vector<int32_t>(host_tables.begin(), host_tables.end()) == mirror_tables);
   CHECK(std::vector<int32_t>(host_lengths.begin(), host_lengths.end()) == mirror_lengths);
   CHECK(cache.pool().used_blocks == 96);
+
+  // An append whose index lists the staging cannot hold is refused before any copy: 4 tokens
+  // of every head need 256 + 1024 bytes.
+  const kv::block_tables before = cache.tables();
+  const std::vector<float> four_rows(4 * row, 0.5f);
+  device_memory k4(four_rows.size() * sizeof(float));
+  upload(k4, four_rows);
+  const std::span<const float> four(k4.as<const float>(), 4 * row);
+  CHECK(cache.append(0, std::vector<int32_t>{1, 2, 3, 4}, four, four) == kv::status::invalid_argument);
+  CHECK(cache.tables() == before);
 }

@@ -198,7 +198,7 @@ TEST_CASE("a batch append_layer is one data step and one mirror update", "[cpu][
   fill_both<float>(host, device, seqs, 7, rng);
   const size_t per_sequence = static_cast<size_t>(model.kv_heads) * model.head_dim;  // one token
   const auto k = gaussian(rng, 2 * per_sequence), v = gaussian(rng, k.size());
-  const std::vector<int32_t> positions{7, 7};
+  const std::vector<int32_t> positions{7, 9};  // each sequence its own position
   counts = {};
   REQUIRE(device.append_layer(seqs, 0, positions, k, v) == status::success);
   CHECK(counts.tokens == 1);

@@ -151,10 +151,7 @@ class basic_paged_cache {
   [[nodiscard]] status add_sequence(int64_t seq) { return tables_.add_sequence(seq); }
 
   //! Returns all of the sequence's blocks to the pool.
-  [[nodiscard]] status free_sequence(int64_t seq) {
-    if (const status s = tables_.free_sequence(seq); s != status::success) return s;
-    return storage_.sync(tables_);
-  }
+  [[nodiscard]] status free_sequence(int64_t seq) { return synced(tables_.free_sequence(seq)); }
 
   // ---- append
 
@@ -244,8 +241,7 @@ class basic_paged_cache {
       }
       return storage_.mover().move_slots(slot_move_params<T>{pool, steps.moves, head_dim()});
     });
-    if (s != status::success) return s;
-    return storage_.sync(tables_);
+    return synced(s);
   }
 
   //! Commits a compaction that already moved each head's survivors to its front (the CUDA
@@ -254,8 +250,7 @@ class basic_paged_cache {
   //! mirror update for the whole batch. No data moves; all or nothing; a cache as created
   //! allocates nothing here. Errors as block_tables::truncate.
   [[nodiscard]] status truncate(std::span<const int64_t> seqs, std::span<const int32_t> lengths) {
-    if (const status s = tables_.truncate(seqs, lengths); s != status::success) return s;
-    return storage_.sync(tables_);
+    return synced(tables_.truncate(seqs, lengths));
   }
 
   // ---- memory accounting (blocks and bytes of K, V, positions and metrics)
@@ -266,9 +261,18 @@ class basic_paged_cache {
   [[nodiscard]] pool_usage pool() const noexcept { return tables_.pool_state(); }
 
  private:
+  //! Replays what `result`'s operation committed onto the mirror, then returns `result`, or
+  //! the replay's failure. A failed operation has normally committed nothing; one that failed
+  //! part-way through its commit (corrupted metadata: a double free) leaves no journal behind
+  //! for the next operation to replay out of order.
+  [[nodiscard]] status synced(status result) {
+    const status s = storage_.sync(tables_);
+    return result != status::success ? result : s;
+  }
+
   //! Appends to layers [first, first + layers) of each sequence of `seqs`: positions [B][t];
-  //! k, v [B][layers][t][H][d]. A batch appends to one layer, a single sequence to any: the
-  //! mover gives row r the position positions[(r / H) % (B t)].
+  //! k, v [B][layers][t][H][d], with B = 1 or one layer: only then does the mover's rule,
+  //! row r at positions[(r / H) % (B t)], give each row its sequence's position.
   [[nodiscard]] status append_rows(std::span<const int64_t> seqs, int32_t first, int32_t layers,
                                    std::span<const int32_t> positions, std::span<const source_type> k,
                                    std::span<const source_type> v) {
@@ -285,12 +289,10 @@ class basic_paged_cache {
     const size_t rows = batch * static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads);
     if (k.size() != rows * static_cast<size_t>(head_dim()) || v.size() != k.size()) return status::shape_mismatch;
     slots_.resize(rows);
-    const status s = tables_.append(seqs, first, layers, tokens, slots_, [&] {
+    return synced(tables_.append(seqs, first, layers, tokens, slots_, [&] {
       return storage_.mover().write_tokens(
           token_write_params<T, source_type>{storage_.buffers(), k.data(), v.data(), positions, slots_, heads, head_dim()});
-    });
-    if (s != status::success) return s;
-    return storage_.sync(tables_);
+    }));
   }
 
   [[nodiscard]] status prepare_read(int64_t seq, int32_t l, int32_t h, head_read_params<T>& p) const {

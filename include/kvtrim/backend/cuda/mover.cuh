@@ -30,13 +30,17 @@ struct cuda_mover {
   void* staging = nullptr;        //!< device staging buffer of `staging_bytes`
   size_t staging_bytes = 0;
 
-  //! Staging one operation needs: an append of `tokens` tokens to `layers` layers of `heads`
-  //! heads, a compaction of a sequence of up to `slots` slots, a head read of `max_length`
-  //! slots of head dim `head_dim` (whichever is largest).
+  //! Staging one operation needs (whichever is largest): an append of `max_append_tokens`
+  //! tokens to every layer of a sequence (a batch append of B sequences and t tokens to one
+  //! layer counts as B t tokens), one decode token of one layer for every sequence row, a
+  //! compaction of a sequence, a head read.
   [[nodiscard]] static size_t staging_bytes_for(const paged_cache_config& c, int32_t max_append_tokens) noexcept {
     const auto heads = static_cast<size_t>(c.heads_per_sequence());
     const size_t slots = heads * static_cast<size_t>(c.max_tokens_per_head);
     const size_t append = static_cast<size_t>(max_append_tokens) * (sizeof(int32_t) + heads * sizeof(int64_t)) + 512;
+    const size_t decode = static_cast<size_t>(c.max_sequences) *
+                              (sizeof(int32_t) + static_cast<size_t>(c.shape.kv_heads) * sizeof(int64_t)) +
+                          512;
     const size_t moves = slots * sizeof(physical_move) + 256;
     const size_t metrics = slots * (sizeof(int64_t) + sizeof(float)) + 512;
     const size_t journal = (heads * static_cast<size_t>(c.max_blocks_per_head()) + heads) * sizeof(metadata_write) * 2 + 512;
@@ -44,7 +48,7 @@ struct cuda_mover {
                             (sizeof(int64_t) + sizeof(int32_t) + sizeof(float) * (1 + 2 * static_cast<size_t>(c.shape.head_dim))) +
                         1024;
     size_t most = append;
-    for (const size_t s : {moves, metrics, journal, read}) most = s > most ? s : most;
+    for (const size_t s : {decode, moves, metrics, journal, read}) most = s > most ? s : most;
     return most;
   }
 

@@ -99,11 +99,11 @@ class compression_session {
   }
   //! 1./3. Appends K/V (device memory, T) of one layer to each sequence of `seqs` in one
   //! launch and one mirror update: a decode step's token of a batch. positions [B][t]; k, v
-  //! [B][t][Hkv][d]. All or nothing (basic_paged_cache::append_layer).
+  //! [B][t][Hkv][d]. All or nothing (basic_paged_cache::append_layer); a batch within
+  //! max_batch, as every batch call of the session.
   [[nodiscard]] status append(std::span<const int64_t> seqs, int32_t layer, std::span<const int32_t> positions,
                               std::span<const T> k, std::span<const T> v) {
-    for (const int64_t seq : seqs)
-      if (!contains(seq)) return status::unknown_sequence;
+    if (const status s = check_batch(seqs, 0); s != status::success) return s;
     return cache_->append_layer(seqs, layer, positions, k, v);
   }
   //! 1. Appends K/V of every layer: positions [t]; k, v [L][t][Hkv][d].
