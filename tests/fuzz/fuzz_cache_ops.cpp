@@ -1,11 +1,10 @@
 // libFuzzer target: the input bytes become a paged cache (element type, shape, block size,
 // pool) and a sequence of operations on it: add and free sequences, prefill chunks and decode
-// tokens (all layers or one), compression with each of the six presets and fuzzed parameters
-// (valid or not: budgets, ratios, windows, sinks, kernels, betas, alphas, block sizes, RoPE),
-// hand-made eviction plans (valid or corrupted), batch truncates (valid or not), decode
-// attention with accumulation, key
-// rewrites, re-rotation and reads with outputs of any size. A second mode drives the block
-// pool alone.
+// tokens (all layers, one layer, or one layer of a batch), compression with each of the six
+// presets and fuzzed parameters (valid or not: budgets, ratios, windows, sinks, kernels,
+// betas, alphas, block sizes, RoPE), hand-made eviction plans (valid or corrupted), batch
+// truncates (valid or not), decode attention with accumulation, key rewrites, re-rotation and
+// reads with outputs of any size. A second mode drives the block pool alone.
 //
 // After every operation: the cache's metadata invariants (tests/support/cache_invariants.hpp),
 // the device mirror where there is one, the memory accounting, and every head's contents slot
@@ -25,6 +24,7 @@
 #include <limits>
 #include <map>
 #include <numeric>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -244,7 +244,8 @@ class cache_run {
     switch (in_.byte() % 16) {
       case 0: case 1: return add();
       case 2: return free();
-      case 3: case 4: return append(false);
+      case 3: return append(false);
+      case 4: return append_batch();
       case 5: return append(true);
       case 6: case 7: case 8: return compress();
       case 9: return apply();
@@ -342,6 +343,74 @@ class cache_run {
       for (const int32_t p : positions) next_[seq] = std::max<int64_t>(next_[seq], static_cast<int64_t>(p) + 1);
     }
     return done(one_layer ? "append_layer" : "append", got, want);
+  }
+
+  //! One layer of a batch of 0-3 sequences in one call (a decode step's tokens), each
+  //! continuing from its own next position. The batch may name an unknown sequence or one
+  //! twice; the positions may not divide among it; the data may be a value short or long.
+  std::string append_batch() {
+    std::vector<int64_t> seqs(static_cast<size_t>(in_.range(0, 3)));
+    for (int64_t& seq : seqs) seq = pick_sequence();
+    const int32_t layer = in_.int32_edge(-1, shape_.layers);
+    const int32_t tokens = in_.chance(8) ? 0 : in_.range(1, 4);
+    std::vector<int32_t> positions;  // [B][t]
+    for (const int64_t seq : seqs) {
+      const auto p = positions_for(seq, tokens);
+      positions.insert(positions.end(), p.begin(), p.end());
+    }
+    if (in_.chance(8)) positions.push_back(0);  // one too many: divides among a batch of one only
+    const size_t row = static_cast<size_t>(shape_.kv_heads) * static_cast<size_t>(shape_.head_dim);
+    std::vector<float> k = values(in_, positions.size() * row), v = values(in_, positions.size() * row);
+    const uint8_t sizes = in_.byte();
+    if (sizes < 8) k.push_back(0.f);
+    else if (sizes < 16 && !v.empty()) v.pop_back();
+
+    // The cache's order of checks (docs/errors.md): an empty batch, the layer, unknown
+    // sequences, the positions, the data's size, a sequence named twice, then each head's
+    // room and the pool.
+    const size_t batch = seqs.size();
+    const bool all_known = std::all_of(seqs.begin(), seqs.end(), [&](int64_t s) { return model_.contains(s); });
+    const size_t per = batch == 0 ? 0 : positions.size() / batch;  // tokens per sequence
+    status want = status::success;
+    if (batch == 0) {
+      want = positions.empty() && k.empty() && v.empty() ? status::success : status::shape_mismatch;
+    } else if (layer < 0 || layer >= shape_.layers) {
+      want = all_known ? status::invalid_argument : status::unknown_sequence;
+    } else if (!all_known) {
+      want = status::unknown_sequence;
+    } else if (positions.empty()) {
+      want = status::invalid_argument;
+    } else if (positions.size() % batch != 0) {
+      want = status::shape_mismatch;
+    } else if (std::any_of(positions.begin(), positions.end(), bad_position)) {
+      want = status::invalid_argument;
+    } else if (k.size() != positions.size() * row || v.size() != k.size()) {
+      want = status::shape_mismatch;
+    } else if (std::set<int64_t>(seqs.begin(), seqs.end()).size() != batch) {
+      want = status::invalid_argument;
+    } else {
+      int64_t needed = 0;
+      for (const int64_t seq : seqs)
+        for (int32_t h = 0; h < shape_.kv_heads; ++h) {
+          const auto n = static_cast<int32_t>(model_.head(seq, layer, h).size());
+          if (n + static_cast<int64_t>(per) > config_.max_tokens_per_head) want = status::invalid_argument;
+          needed += blocks_for(n + static_cast<int32_t>(per), config_.block_size) - blocks_for(n, config_.block_size);
+        }
+      if (want == status::success && needed > cache_.pool().free_blocks()) want = status::pool_exhausted;
+    }
+    const auto ks = to_source(k), vs = to_source(v);
+    const status got = cache_.append_layer(seqs, layer, positions, ks, vs);
+    if (got == status::success) {
+      for (float& x : k) x = stored(x);
+      for (float& x : v) x = stored(x);
+      for (size_t b = 0; b < batch; ++b) {
+        const auto mine = std::span<const int32_t>(positions).subspan(b * per, per);
+        model_.append(seqs[b], layer, 1, mine, std::span<const float>(k).subspan(b * per * row, per * row),
+                      std::span<const float>(v).subspan(b * per * row, per * row));
+        for (const int32_t p : mine) next_[seqs[b]] = std::max<int64_t>(next_[seqs[b]], static_cast<int64_t>(p) + 1);
+      }
+    }
+    return done("append_layer batch", got, want);
   }
 
   // ---- compression

@@ -26,6 +26,11 @@ def append_layer(layer, tokens, seed, live=0):
     return [5, live, layer, NO, tokens - 1, 0, seed, NO, seed + 1, NO, NO]
 
 
+def append_batch(picks, layer, tokens, seed):
+    # picks: sequence choices (0 = first live); each continues from its own next position
+    return [4, len(picks)] + picks + [layer + 1, NO, tokens - 1] + [0] * len(picks) + [NO, seed, NO, seed + 1, NO, NO]
+
+
 def policy_tail(rows, seed, by_layer=False, layer=0):
     out = [0, NO, NO, 0 if by_layer else NO]
     if by_layer:
@@ -92,8 +97,13 @@ SEEDS = {
     + append(2, 8) + apply_keep_half(),
     "device_fp16_truncate": config(3, block=4, blocks=48) + add() + add(1) + append(12, 3) + append(10, 4, live=1)
     + truncate([0, 1], [4, 11, 0, 7, 2, 9, 1, 5]) + truncate([1, 1], [0] * 8) + append(3, 5) + free(),
+    "device_fp16_batch_decode": config(3, block=4, blocks=48) + add() + add(1) + append(6, 3)
+    + append(9, 4, live=1) + append_batch([0, 1], 0, 1, 5) + append_batch([0, 1], 1, 1, 6)
+    + append_batch([1, 1], 0, 1, 7) + truncate([0, 1], [2, 5, 1, 3, 4, 2, 6, 1]) + append_batch([1, 0], 1, 2, 8),
     "pool_exhaustion": config(0, block=1, blocks=8, tokens=16) + add() + add(1) + append(3, 1) + append(6, 2, live=1)
     + append(1, 3) + free() + append(4, 4),
+    "pool_exhaustion_batch": config(0, layers=1, kv=1, block=1, blocks=8, tokens=16) + add() + add(1)
+    + append(3, 1) + append(2, 2, live=1) + append_batch([0, 1], 0, 2, 3) + append_batch([0, 1], 0, 1, 4),
     "pool_only": [4, 20] + [0, 5, 0, 3, 255, 2, 0, 1, 255, 1, 255, 2, 9, 9, 0, 12],
     "invalid_config": [0, 1, 1, 1, 4, 3, 31, 1, 39, 0, 0, 0],
 }

@@ -144,3 +144,35 @@ TEST_CASE("regression: a position of 2^31 - 1 is refused before it can overflow"
   std::sort(positions.begin(), positions.end());
   CHECK(positions == std::vector<int32_t>{0, 3, max_position});  // the sink and the two newest
 }
+
+// Found as: append -> invalid_argument where the model expected shape_mismatch (a chunk of
+// more tokens than a head holds, with K one value short). When the batch append_layer
+// arrived, the appends checked the chunk's length before the data's size, the reverse of the
+// documented order (docs/errors.md). The length check now comes after the sizes, as before.
+TEST_CASE("regression: an append longer than a head holds with K/V of the wrong size is a shape mismatch",
+          "[cpu][regression]") {
+  auto cache = paged_fixtures::make_cache<paged_cache<float>>(config);
+  REQUIRE(cache.add_sequence(0) == status::success);
+  REQUIRE(cache.add_sequence(1) == status::success);
+  const int32_t tokens = config.max_tokens_per_head + 1;
+  const size_t row = static_cast<size_t>(model.kv_heads) * model.head_dim;
+  const auto positions = iota_positions(0, tokens);
+  const std::vector<float> all_layers(static_cast<size_t>(model.layers) * tokens * row, 0.5f);
+  const std::vector<float> one_layer(static_cast<size_t>(tokens) * row, 0.5f);
+  const std::vector<float> short_by_one(one_layer.begin(), one_layer.end() - 1);
+  CHECK(cache.append(0, positions, std::vector<float>(all_layers.begin() + 1, all_layers.end()), all_layers) ==
+        status::shape_mismatch);
+  CHECK(cache.append_layer(0, 1, positions, one_layer, short_by_one) == status::shape_mismatch);
+  std::vector<int32_t> both(positions);
+  both.insert(both.end(), positions.begin(), positions.end());
+  std::vector<float> both_kv(one_layer);
+  both_kv.insert(both_kv.end(), one_layer.begin(), one_layer.end());
+  const std::vector<int64_t> ids{0, 1};
+  CHECK(cache.append_layer(ids, 0, both, std::vector<float>(both_kv.begin(), both_kv.end() - 1), both_kv) ==
+        status::shape_mismatch);
+  // With the right sizes, the length is what is wrong.
+  CHECK(cache.append(0, positions, all_layers, all_layers) == status::invalid_argument);
+  CHECK(cache.append_layer(ids, 0, both, both_kv, both_kv) == status::invalid_argument);
+  CHECK(cache.head_length(0, 0, 0) == 0);
+  CHECK(cache.head_length(1, 0, 0) == 0);
+}

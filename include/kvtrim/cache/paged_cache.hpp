@@ -281,15 +281,16 @@ class basic_paged_cache {
     const size_t batch = seqs.size();
     if (positions.empty()) return status::invalid_argument;
     if (positions.size() % batch != 0) return status::shape_mismatch;
-    if (positions.size() / batch > static_cast<size_t>(config().max_tokens_per_head)) return status::invalid_argument;
-    const auto tokens = static_cast<int32_t>(positions.size() / batch);
     for (const int32_t p : positions)
       if (p < 0 || p > max_position) return status::invalid_argument;
+    const size_t tokens = positions.size() / batch;
     const int32_t heads = shape().kv_heads;
-    const size_t rows = batch * static_cast<size_t>(layers) * static_cast<size_t>(tokens) * static_cast<size_t>(heads);
+    const size_t rows = batch * static_cast<size_t>(layers) * tokens * static_cast<size_t>(heads);
     if (k.size() != rows * static_cast<size_t>(head_dim()) || v.size() != k.size()) return status::shape_mismatch;
+    // More than any head holds: refused here, where block_tables would take the count as int32_t.
+    if (tokens > static_cast<size_t>(config().max_tokens_per_head)) return status::invalid_argument;
     slots_.resize(rows);
-    return synced(tables_.append(seqs, first, layers, tokens, slots_, [&] {
+    return synced(tables_.append(seqs, first, layers, static_cast<int32_t>(tokens), slots_, [&] {
       return storage_.mover().write_tokens(
           token_write_params<T, source_type>{storage_.buffers(), k.data(), v.data(), positions, slots_, heads, head_dim()});
     }));
