@@ -10,6 +10,9 @@
 //                   CUDA issue's shape, 8 sequences of 32k tokens kept to 2048 per head, by
 //                   truncate, against what cuda::compress did before it (an eviction plan per
 //                   sequence listing its kept prefix, applied one sequence at a time)
+//   decode_step_tables  the host side of a batch decode step on a device cache (block tables
+//                   only): a token appended to every layer of B sequences, batched or one
+//                   call per sequence
 // Counters: tokens/s, and blocks freed per compression. The benchmarks that refill a 2048-token
 // sequence before each timed step run a fixed number of iterations to keep the suite short.
 // Run: build with -DKVTRIM_BUILD_BENCHMARKS=ON, then ./bench/bench_cache_cpu
@@ -255,6 +258,55 @@ void commit_prefix_plans(benchmark::State& state) {
   }
 }
 
+constexpr int32_t step_tokens = 1000;  //!< tokens a head before a decode step (a block holds 16)
+
+//! The host side of one decode step of a batch on a device cache, block tables only: for
+//! every layer, one token appended to each of B sequences (range(0)), as one batch call
+//! (range(1) = 1) or one call per sequence, then the journal cleared as the mover's replay
+//! does. Every 16 steps each head crosses a block boundary once; the heads go back to
+//! step_tokens then, untimed, so every measured step appends at the same places.
+void decode_step_tables(benchmark::State& state) {
+  const auto batch = static_cast<int32_t>(state.range(0));
+  const bool batched = state.range(1) != 0;
+  const int32_t heads = llama3_8b.layers * llama3_8b.kv_heads, most = step_tokens + block_size;
+  block_tables tables;
+  throw_if_error(block_tables::create({llama3_8b, block_size, batch * heads * ((most + block_size - 1) / block_size),
+                                       batch, most},
+                                      0, tables),
+                 "bench tables");
+  std::vector<int64_t> seqs(static_cast<size_t>(batch));
+  std::vector<int64_t> slots(static_cast<size_t>(llama3_8b.layers) * step_tokens * llama3_8b.kv_heads);
+  const auto noop = [] { return status::success; };
+  for (int32_t b = 0; b < batch; ++b) {
+    seqs[static_cast<size_t>(b)] = b;
+    throw_if_error(tables.add_sequence(b));
+    throw_if_error(tables.append(b, 0, llama3_8b.layers, step_tokens, slots, noop));
+  }
+  tables.clear_journal();
+  const std::vector<int32_t> lengths(static_cast<size_t>(batch) * heads, step_tokens);
+  slots.resize(static_cast<size_t>(batch) * llama3_8b.kv_heads);  // one token of one layer, [B][H]
+  const std::span<int64_t> one(slots.data(), static_cast<size_t>(llama3_8b.kv_heads));
+  int32_t steps = 0;
+  for (auto _ : state) {
+    for (int32_t l = 0; l < llama3_8b.layers; ++l) {
+      if (batched) {
+        throw_if_error(tables.append(seqs, l, 1, 1, slots, noop));
+      } else {
+        for (const int64_t seq : seqs) throw_if_error(tables.append(seq, l, 1, 1, one, noop));
+      }
+      tables.clear_journal();
+    }
+    if (++steps == block_size) {
+      state.PauseTiming();
+      throw_if_error(tables.truncate(seqs, lengths));
+      tables.clear_journal();
+      steps = 0;
+      state.ResumeTiming();
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * llama3_8b.layers);  // items: layers appended
+}
+
 void compress_streaming_llm(benchmark::State& state) {
   compress<bfloat16>(state, streaming_llm({.budget = token_budget::of_tokens(512), .sinks = 4}));
 }
@@ -273,5 +325,7 @@ BENCHMARK(compress_streaming_llm)->Name("llama3_8b/compress/streaming_llm/bf16")
 BENCHMARK(compress_h2o)->Name("llama3_8b/compress/h2o/bf16")->Iterations(8)->Unit(benchmark::kMillisecond);
 BENCHMARK(commit_truncate)->Name("llama3_8b/commit_8x32k_to_2048/truncate")->Unit(benchmark::kMillisecond);
 BENCHMARK(commit_prefix_plans)->Name("llama3_8b/commit_8x32k_to_2048/prefix_plans")->Unit(benchmark::kMillisecond);
+BENCHMARK(decode_step_tables)->Name("llama3_8b/decode_step_tables")->ArgsProduct({{8, 32}, {0, 1}})
+    ->ArgNames({"B", "batched"})->Unit(benchmark::kMicrosecond);
 BENCHMARK(copy<float>)->Name("llama3_8b/copy_baseline/fp32")->Unit(benchmark::kMillisecond);
 BENCHMARK(copy<kvtrim::bfloat16>)->Name("llama3_8b/copy_baseline/bf16")->Unit(benchmark::kMillisecond);

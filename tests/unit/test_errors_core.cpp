@@ -183,6 +183,19 @@ TEST_CASE("errors: blocks_for and hanging_tokens stay exact near the int32 limit
   CHECK(hanging_tokens(0, 16) == 0);
 }
 
+TEST_CASE("block_divider's shifts and divisions agree with / and % for every block size kind", "[cpu][errors]") {
+  // Powers of two take the shift path, the rest divide; both up to the int32 limit.
+  for (const int32_t bs : {1, 2, 3, 5, 7, 16, 17, 64, 1000, 1 << 30, max_i}) {
+    const block_divider d(bs);
+    for (const int32_t j : {0, 1, 2, 15, 16, 17, 63, 64, 65, 999, 1000, 1001, (1 << 30) - 1, 1 << 30, max_i - 1, max_i}) {
+      CAPTURE(bs, j);
+      CHECK(d.block_of(j) == j / bs);
+      CHECK(d.offset_of(j) == j % bs);
+      CHECK(d.blocks_for(j) == blocks_for(j, bs));
+    }
+  }
+}
+
 TEST_CASE("errors: block_pool of a negative size is empty, and in_use of an unknown block is false", "[cpu][errors]") {
   block_pool pool(-5);
   CHECK(pool.capacity() == 0);

@@ -72,6 +72,7 @@ class block_tables {
     if (bytes_per_block < 0) return status::invalid_argument;
     block_tables t;
     t.config_ = config;
+    t.block_math_ = block_divider(config.block_size);
     t.bytes_per_block_ = bytes_per_block;
     t.pool_ = block_pool(config.num_blocks);
     t.ids_.assign(static_cast<size_t>(config.max_sequences), no_sequence);
@@ -145,12 +146,12 @@ class block_tables {
     const int32_t row = sequence_slot(seq);
     if (row < 0 || !valid_head(l, h)) return {};
     const size_t head = head_index(row, l, h);
-    return {tables_.data() + head * max_blocks(), static_cast<size_t>(blocks_for(lengths_[head], config_.block_size))};
+    return {tables_.data() + head * max_blocks(), static_cast<size_t>(block_math_.blocks_for(lengths_[head]))};
   }
   //! Physical slot of slot `j` of a head whose blocks are `blocks`.
   [[nodiscard]] int64_t physical_slot(std::span<const int32_t> blocks, int32_t j) const noexcept {
-    const int32_t bs = config_.block_size;
-    return static_cast<int64_t>(blocks[static_cast<size_t>(j / bs)]) * bs + j % bs;
+    const int64_t block = blocks[static_cast<size_t>(block_math_.block_of(j))];
+    return block * config_.block_size + block_math_.offset_of(j);
   }
 
   //! The whole metadata, as a device mirror holds it.
@@ -161,7 +162,7 @@ class block_tables {
 
   [[nodiscard]] memory_usage usage(int64_t seq, int32_t l, int32_t h) const noexcept {
     const int32_t n = length(seq, l, h);
-    const int64_t b = blocks_for(n, config_.block_size);
+    const int64_t b = block_math_.blocks_for(n);
     return {n, b, b * bytes_per_block_};
   }
   //! One layer of a sequence (all its heads).
@@ -209,7 +210,7 @@ class block_tables {
         for (int32_t h = 0; h < heads; ++h) {
           const int32_t n = lengths_[head_index(row, l, h)];
           if (n > config_.max_tokens_per_head - tokens) return status::invalid_argument;
-          needed += blocks_for(n + tokens, config_.block_size) - blocks_for(n, config_.block_size);
+          needed += block_math_.blocks_for(n + tokens) - block_math_.blocks_for(n);
         }
     }
     if (needed > pool_.free_count()) return status::pool_exhausted;
@@ -228,16 +229,17 @@ class block_tables {
         for (int32_t h = 0; h < heads; ++h) {
           const size_t head = head_index(row, l, h);
           const int32_t n = lengths_[head];
-          const int32_t owned = blocks_for(n, bs);
+          const int32_t owned = block_math_.blocks_for(n);
           const int32_t* table = tables_.data() + head * max_blocks();
           for (int32_t t = 0; t < tokens; ++t) {
             const int32_t j = n + t;
-            const int32_t b = j / bs;
+            const int32_t b = block_math_.block_of(j);
             const int32_t block =
                 b < owned ? table[b] : free_list[free_list.size() - 1 - taken - static_cast<size_t>(b - owned)];
-            slot[static_cast<size_t>(t) * heads + static_cast<size_t>(h)] = static_cast<int64_t>(block) * bs + j % bs;
+            slot[static_cast<size_t>(t) * heads + static_cast<size_t>(h)] =
+                static_cast<int64_t>(block) * bs + block_math_.offset_of(j);
           }
-          taken += static_cast<size_t>(blocks_for(n + tokens, bs) - owned);
+          taken += static_cast<size_t>(block_math_.blocks_for(n + tokens) - owned);
         }
         slot += static_cast<size_t>(tokens) * heads;
       }
@@ -249,14 +251,14 @@ class block_tables {
       for (int32_t l = first; l < first + layers; ++l)
         for (int32_t h = 0; h < heads; ++h) {
           const size_t head = head_index(row, l, h);
-          const int32_t owned = blocks_for(lengths_[head], bs);
-          const int32_t grown = blocks_for(lengths_[head] + tokens, bs);
+          const int32_t owned = block_math_.blocks_for(lengths_[head]);
+          const int32_t grown = block_math_.blocks_for(lengths_[head] + tokens);
           const std::span<int32_t> fresh(tables_.data() + head * max_blocks() + owned, static_cast<size_t>(grown - owned));
           if (const status s = pool_.allocate(fresh); s != status::success) return s;
           for (size_t i = 0; i < fresh.size(); ++i)
-            table_writes_.push_back({static_cast<int64_t>(head * max_blocks()) + owned + static_cast<int64_t>(i), fresh[i]});
+            table_writes_.emplace_back(static_cast<int64_t>(head * max_blocks()) + owned + static_cast<int64_t>(i), fresh[i]);
           lengths_[head] += tokens;
-          length_writes_.push_back({static_cast<int64_t>(head), lengths_[head]});
+          length_writes_.emplace_back(static_cast<int64_t>(head), lengths_[head]);
         }
     }
     return status::success;
@@ -330,7 +332,7 @@ class block_tables {
       for (size_t i = 0; i < per_sequence; ++i) {
         const int32_t n = lengths[b * per_sequence + i];
         if (n < std::min(current[i], 1) || n > current[i]) return status::invalid_argument;
-        if (blocks_for(n, config_.block_size) < blocks_for(current[i], config_.block_size)) ++cleared;
+        if (block_math_.blocks_for(n) < block_math_.blocks_for(current[i])) ++cleared;
       }
     }
     // Any allocation happens here, before the first change.
@@ -392,8 +394,8 @@ class block_tables {
   //! Cuts head (row, l, h) to `length` tokens and returns its emptied trailing blocks.
   [[nodiscard]] status shrink(int32_t row, int32_t l, int32_t h, int32_t length) {
     const size_t head = head_index(row, l, h);
-    const int32_t keep = blocks_for(length, config_.block_size);
-    const int32_t owned = blocks_for(lengths_[head], config_.block_size);
+    const int32_t keep = block_math_.blocks_for(length);
+    const int32_t owned = block_math_.blocks_for(lengths_[head]);
     int32_t* table = tables_.data() + head * max_blocks();
     // The table owns these blocks, so the pool's double-free check cannot fire unless the
     // metadata was corrupted; it is reported all the same.
@@ -401,16 +403,17 @@ class block_tables {
       return s;
     if (keep < owned) {
       std::fill(table + keep, table + owned, no_block);
-      table_clears_.push_back({static_cast<int64_t>(head * max_blocks()) + keep, owned - keep});
+      table_clears_.emplace_back(static_cast<int64_t>(head * max_blocks()) + keep, owned - keep);
     }
     if (lengths_[head] != length) {
       lengths_[head] = length;
-      length_writes_.push_back({static_cast<int64_t>(head), length});
+      length_writes_.emplace_back(static_cast<int64_t>(head), length);
     }
     return status::success;
   }
 
   paged_cache_config config_{};
+  block_divider block_math_;  // config_.block_size's arithmetic
   int64_t bytes_per_block_ = 0;
   block_pool pool_;
   std::vector<int64_t> ids_;      // [max_sequences] sequence id of each row, no_sequence if free
