@@ -325,7 +325,7 @@ BENCHMARK(compress_streaming_llm)->Name("llama3_8b/compress/streaming_llm/bf16")
 BENCHMARK(compress_h2o)->Name("llama3_8b/compress/h2o/bf16")->Iterations(8)->Unit(benchmark::kMillisecond);
 BENCHMARK(commit_truncate)->Name("llama3_8b/commit_8x32k_to_2048/truncate")->Unit(benchmark::kMillisecond);
 BENCHMARK(commit_prefix_plans)->Name("llama3_8b/commit_8x32k_to_2048/prefix_plans")->Unit(benchmark::kMillisecond);
-BENCHMARK(decode_step_tables)->Name("llama3_8b/decode_step_tables")->ArgsProduct({{8, 32}, {0, 1}})
+BENCHMARK(decode_step_tables)->Name("llama3_8b/decode_step_tables")->ArgsProduct({{8, 32, 128}, {0, 1}})
     ->ArgNames({"B", "batched"})->Unit(benchmark::kMicrosecond);
 BENCHMARK(copy<float>)->Name("llama3_8b/copy_baseline/fp32")->Unit(benchmark::kMillisecond);
 BENCHMARK(copy<kvtrim::bfloat16>)->Name("llama3_8b/copy_baseline/bf16")->Unit(benchmark::kMillisecond);

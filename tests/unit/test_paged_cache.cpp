@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <map>
 #include <numeric>
 #include <random>
 #include <set>
@@ -406,4 +408,64 @@ TEST_CASE("freeing a sequence returns every block, and its id can come back", "[
   CHECK(cache_invariants::check_tables(cache.tables()).empty());
   REQUIRE(cache.add_sequence(9) == status::success);
   CHECK(cache.head_length(9, 0, 0) == 0);
+}
+
+TEST_CASE("block tables find every live id and no freed one through any churn of adds and frees",
+          "[cpu][cache]") {
+  // The id index is open addressing with deletions that shift entries back; ids that share
+  // a probe start (multiples of 2^32 land together) and rows that come and go exercise it.
+  for (const int32_t rows : {1, 3, 8, 64}) {
+    block_tables t;
+    REQUIRE(block_tables::create({model, 4, 8, rows, 16}, 0, t) == status::success);
+    std::mt19937_64 rng(static_cast<uint64_t>(rows));
+    std::vector<int64_t> pool_of_ids;
+    for (int64_t i = 0; i < 2 * rows; ++i) {
+      pool_of_ids.push_back(i);
+      pool_of_ids.push_back((i + 1) << 32);
+      pool_of_ids.push_back(std::numeric_limits<int64_t>::max() - i);
+    }
+    std::map<int64_t, int32_t> live;  // id -> row
+    for (int step = 0; step < 4000; ++step) {
+      const int64_t id = pool_of_ids[rng() % pool_of_ids.size()];
+      if (live.count(id)) {
+        REQUIRE(t.free_sequence(id) == status::success);
+        live.erase(id);
+      } else if (static_cast<int32_t>(live.size()) < rows) {
+        REQUIRE(t.add_sequence(id) == status::success);
+        live[id] = t.sequence_slot(id);
+      } else {
+        REQUIRE(t.add_sequence(id) == status::pool_exhausted);
+      }
+      for (const int64_t other : pool_of_ids) {
+        const auto it = live.find(other);
+        REQUIRE(t.sequence_slot(other) == (it == live.end() ? -1 : it->second));
+        if (it != live.end()) REQUIRE(t.sequence_id(it->second) == other);
+      }
+    }
+  }
+}
+
+TEST_CASE("a batch that names every row once is accepted, and a repeat anywhere in it is refused", "[cpu][cache]") {
+  constexpr int32_t rows = 16;
+  block_tables t;
+  REQUIRE(block_tables::create({model, 4, 8 * rows, rows, 4}, 0, t) == status::success);
+  std::vector<int64_t> seqs;
+  for (int64_t s = 0; s < rows; ++s) {
+    REQUIRE(t.add_sequence(100 + s) == status::success);
+    seqs.push_back(100 + s);
+  }
+  const auto noop = [] { return status::success; };
+  std::vector<int64_t> slots(static_cast<size_t>(rows) * model.kv_heads);
+  // Twice over: the second batch must not see the first one's marks as repeats.
+  REQUIRE(t.append(seqs, 0, 1, 1, slots, noop) == status::success);
+  REQUIRE(t.append(seqs, 0, 1, 1, slots, noop) == status::success);
+  std::vector<int64_t> repeated(seqs);
+  repeated.back() = seqs.front();
+  CHECK(t.append(repeated, 0, 1, 1, slots, noop) == status::invalid_argument);
+  std::vector<int32_t> kept;  // [seq][layer][head]: layer 0 holds 2 tokens a head, layer 1 none
+  for (int32_t s = 0; s < rows; ++s)
+    for (int32_t l = 0; l < model.layers; ++l) kept.insert(kept.end(), static_cast<size_t>(model.kv_heads), l == 0 ? 1 : 0);
+  CHECK(t.truncate(repeated, kept) == status::invalid_argument);
+  CHECK(t.truncate(seqs, kept) == status::success);
+  CHECK(t.length(seqs.back(), 0, 0) == 1);
 }

@@ -13,6 +13,7 @@
 //! head (a compression frees most of a head's blocks at once).
 
 #include <algorithm>
+#include <bit>
 #include <concepts>
 #include <cstdint>
 #include <span>
@@ -76,6 +77,8 @@ class block_tables {
     t.bytes_per_block_ = bytes_per_block;
     t.pool_ = block_pool(config.num_blocks);
     t.ids_.assign(static_cast<size_t>(config.max_sequences), no_sequence);
+    t.index_.assign(std::bit_ceil(2 * static_cast<size_t>(config.max_sequences)), -1);
+    t.row_epochs_.assign(static_cast<size_t>(config.max_sequences), 0);
     const size_t heads = static_cast<size_t>(config.max_sequences) * static_cast<size_t>(config.heads_per_sequence());
     t.lengths_.assign(heads, 0);
     t.tables_.assign(heads * static_cast<size_t>(config.max_blocks_per_head()), no_block);
@@ -97,11 +100,13 @@ class block_tables {
   // ---- sequences
 
   [[nodiscard]] bool contains(int64_t seq) const noexcept { return sequence_slot(seq) >= 0; }
-  //! The row of `seq` in the tables, or -1.
+  //! The row of `seq` in the tables, or -1. O(1): every batch call looks up each of its ids.
   [[nodiscard]] int32_t sequence_slot(int64_t seq) const noexcept {
-    if (seq < 0) return -1;
-    const auto it = std::find(ids_.begin(), ids_.end(), seq);
-    return it == ids_.end() ? -1 : static_cast<int32_t>(it - ids_.begin());
+    if (seq < 0 || index_.empty()) return -1;
+    for (size_t i = home(seq);; i = (i + 1) & (index_.size() - 1)) {
+      const int32_t row = index_[i];
+      if (row < 0 || ids_[static_cast<size_t>(row)] == seq) return row;
+    }
   }
   //! The sequence in row `slot`, or -1 if the row is free.
   [[nodiscard]] int64_t sequence_id(int32_t slot) const noexcept {
@@ -115,6 +120,9 @@ class block_tables {
     const auto it = std::find(ids_.begin(), ids_.end(), no_sequence);
     if (it == ids_.end()) return status::pool_exhausted;
     *it = seq;
+    size_t i = home(seq);
+    while (index_[i] >= 0) i = (i + 1) & (index_.size() - 1);
+    index_[i] = static_cast<int32_t>(it - ids_.begin());
     return status::success;
   }
 
@@ -127,6 +135,7 @@ class block_tables {
       for (int32_t h = 0; h < config_.shape.kv_heads; ++h) {
         if (const status s = shrink(row, l, h, 0); s != status::success) return s;
       }
+    unindex(seq);
     ids_[static_cast<size_t>(row)] = no_sequence;
     return status::success;
   }
@@ -193,11 +202,11 @@ class block_tables {
   template <status_step Write>
   [[nodiscard]] status append(std::span<const int64_t> seqs, int32_t first, int32_t layers, int32_t tokens,
                               std::span<int64_t> slots, Write&& write) {
-    for (size_t b = 0; b < seqs.size(); ++b) {
-      if (sequence_slot(seqs[b]) < 0) return status::unknown_sequence;
-      // Quadratic, but a batch is short, and a set would allocate.
-      const auto earlier = seqs.begin() + static_cast<ptrdiff_t>(b);
-      if (std::find(seqs.begin(), earlier, seqs[b]) != earlier) return status::invalid_argument;
+    begin_batch();
+    for (const int64_t seq : seqs) {
+      const int32_t row = sequence_slot(seq);
+      if (row < 0) return status::unknown_sequence;
+      if (!first_visit(row)) return status::invalid_argument;
     }
     const int32_t heads = config_.shape.kv_heads;
     if (first < 0 || layers < 1 || layers > config_.shape.layers - first || tokens < 1) return status::invalid_argument;
@@ -256,9 +265,9 @@ class block_tables {
           const std::span<int32_t> fresh(tables_.data() + head * max_blocks() + owned, static_cast<size_t>(grown - owned));
           if (const status s = pool_.allocate(fresh); s != status::success) return s;
           for (size_t i = 0; i < fresh.size(); ++i)
-            table_writes_.emplace_back(static_cast<int64_t>(head * max_blocks()) + owned + static_cast<int64_t>(i), fresh[i]);
+            journal(table_writes_, static_cast<int64_t>(head * max_blocks()) + owned + static_cast<int64_t>(i), fresh[i]);
           lengths_[head] += tokens;
-          length_writes_.emplace_back(static_cast<int64_t>(head), lengths_[head]);
+          journal(length_writes_, static_cast<int64_t>(head), lengths_[head]);
         }
     }
     return status::success;
@@ -322,12 +331,11 @@ class block_tables {
     const size_t per_sequence = static_cast<size_t>(layers) * static_cast<size_t>(heads);
     if (lengths.size() != seqs.size() * per_sequence) return status::shape_mismatch;
     size_t cleared = 0;  // heads that free blocks: one journal run each
+    begin_batch();
     for (size_t b = 0; b < seqs.size(); ++b) {
       const int32_t row = sequence_slot(seqs[b]);
       if (row < 0) return status::unknown_sequence;
-      // Quadratic, but a batch is short, and a set would allocate.
-      const auto earlier = seqs.begin() + static_cast<ptrdiff_t>(b);
-      if (std::find(seqs.begin(), earlier, seqs[b]) != earlier) return status::invalid_argument;
+      if (!first_visit(row)) return status::invalid_argument;
       const std::span<const int32_t> current(lengths_.data() + head_index(row, 0, 0), per_sequence);
       for (size_t i = 0; i < per_sequence; ++i) {
         const int32_t n = lengths[b * per_sequence + i];
@@ -391,6 +399,55 @@ class block_tables {
     pool_.reserve();
   }
 
+  //! Journal entries are built in place: a braced temporary pushed back was written as two
+  //! stores and read back as one 16-byte load, a store-forwarding stall per entry (perf,
+  //! bench_cache_cpu's decode_step_tables).
+  static void journal(std::vector<metadata_write>& writes, int64_t index, int32_t value) {
+    metadata_write& w = writes.emplace_back();
+    w.index = index;
+    w.value = value;
+  }
+  static void journal(std::vector<metadata_clear>& clears, int64_t first, int64_t count) {
+    metadata_clear& c = clears.emplace_back();
+    c.first = first;
+    c.count = count;
+  }
+  //! Where the probe for `seq` starts in index_ (Fibonacci hashing: ids are often 0, 1, 2...).
+  [[nodiscard]] size_t home(int64_t seq) const noexcept {
+    return static_cast<size_t>((static_cast<uint64_t>(seq) * 0x9e3779b97f4a7c15ull) >> 32) & (index_.size() - 1);
+  }
+  //! Removes present `seq` from index_, shifting later entries of its probe run back into the
+  //! gap (linear probing without tombstones: lookups stay short however often ids come and go).
+  void unindex(int64_t seq) noexcept {
+    const size_t mask = index_.size() - 1;
+    size_t gap = home(seq);
+    while (ids_[static_cast<size_t>(index_[gap])] != seq) gap = (gap + 1) & mask;
+    for (size_t i = (gap + 1) & mask; index_[i] >= 0; i = (i + 1) & mask) {
+      // The entry at i may fill the gap unless its home lies cyclically in (gap, i].
+      const size_t want = home(ids_[static_cast<size_t>(index_[i])]);
+      if (((i - want) & mask) >= ((i - gap) & mask)) {
+        index_[gap] = index_[i];
+        gap = i;
+      }
+    }
+    index_[gap] = -1;
+  }
+  //! A batch's ids are checked in order for repeats by marking their rows with the batch's
+  //! epoch: O(1) an id, where a batch may hold every row.
+  void begin_batch() noexcept {
+    if (++batch_epoch_ == 0) {  // wrapped: no row may keep an old mark that now looks current
+      std::fill(row_epochs_.begin(), row_epochs_.end(), 0u);
+      batch_epoch_ = 1;
+    }
+  }
+  //! False if `row` was already visited since begin_batch().
+  [[nodiscard]] bool first_visit(int32_t row) noexcept {
+    uint32_t& epoch = row_epochs_[static_cast<size_t>(row)];
+    if (epoch == batch_epoch_) return false;
+    epoch = batch_epoch_;
+    return true;
+  }
+
   //! Cuts head (row, l, h) to `length` tokens and returns its emptied trailing blocks.
   [[nodiscard]] status shrink(int32_t row, int32_t l, int32_t h, int32_t length) {
     const size_t head = head_index(row, l, h);
@@ -403,11 +460,11 @@ class block_tables {
       return s;
     if (keep < owned) {
       std::fill(table + keep, table + owned, no_block);
-      table_clears_.emplace_back(static_cast<int64_t>(head * max_blocks()) + keep, owned - keep);
+      journal(table_clears_, static_cast<int64_t>(head * max_blocks()) + keep, owned - keep);
     }
     if (lengths_[head] != length) {
       lengths_[head] = length;
-      length_writes_.emplace_back(static_cast<int64_t>(head), length);
+      journal(length_writes_, static_cast<int64_t>(head), length);
     }
     return status::success;
   }
@@ -417,6 +474,9 @@ class block_tables {
   int64_t bytes_per_block_ = 0;
   block_pool pool_;
   std::vector<int64_t> ids_;      // [max_sequences] sequence id of each row, no_sequence if free
+  std::vector<int32_t> index_;    // id -> row: open addressing, >= 2 max_sequences entries (row or -1)
+  std::vector<uint32_t> row_epochs_;  // [max_sequences] the last batch that named each row
+  uint32_t batch_epoch_ = 0;
   std::vector<int32_t> lengths_;  // [max_sequences][L][H] tokens
   std::vector<int32_t> tables_;   // [max_sequences][L][H][max_blocks_per_head] block ids, no_block past the end
   // The journal since the last clear_journal().

@@ -423,7 +423,7 @@ struct host_backed_cache {
 TEST_CASE("cuda bad input: compress and decode on a device cache refuse before touching it", "[cuda]") {
   host_backed_cache c;
   const kv::pool_usage before = c.cache.pool();
-  const std::vector<int64_t> one{1}, unknown{9}, empty{2}, twice{1, 1};
+  const std::vector<int64_t> one{1}, unknown{9}, empty{2}, twice{1, 1}, apart{1, 2, 1};
   const cu::device_observation obs{stand_in<const float>(), stand_in<const int32_t>(), 4};
   void* ws = stand_in<void>();
   const size_t big = std::numeric_limits<size_t>::max();
@@ -435,6 +435,8 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
   CHECK(name(cu::compress(small_snapkv, c.cache, empty, model, obs, ws, big, nullptr)) == name(status::empty_sequence));
   CHECK(name(cu::compress(small_snapkv, c.cache, twice, model, obs, ws, big, nullptr)) ==
         name(status::invalid_argument));  // two CTAs would compact one head
+  CHECK(name(cu::compress(small_snapkv, c.cache, apart, model, obs, ws, big, nullptr)) ==
+        name(status::invalid_argument));  // a repeat with another id between
   CHECK(name(cu::compress(small_snapkv, c.cache, one, model, {obs.queries, obs.positions, 41}, ws, big, nullptr)) ==
         name(status::window_too_large));  // 41 window rows, 40 tokens
   CHECK(name(cu::compress(small_snapkv, c.cache, one, model, obs, nullptr, 0, nullptr)) ==
@@ -455,6 +457,7 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
   CHECK(decode(unknown, 0, big) == name(status::unknown_sequence));
   CHECK(decode(empty, 0, big) == name(status::empty_sequence));
   CHECK(decode(twice, 0, big) == name(status::invalid_argument));  // both would add to its slot metrics
+  CHECK(decode(apart, 0, big) == name(status::invalid_argument));
   CHECK(decode(one, 2, big) == name(status::invalid_argument));  // a layer past the model
   CHECK(decode(one, 0, 16) == name(status::invalid_argument));   // too small a workspace
 

@@ -269,14 +269,18 @@ struct cache_step_buffers {
 //! same head at once).
 template <class Cache>
 [[nodiscard]] status mirror_rows(const Cache& cache, std::span<const int64_t> seqs, std::vector<int32_t>& rows) {
-  rows.resize(seqs.size());
-  for (size_t i = 0; i < seqs.size(); ++i) {
+  const size_t batch = seqs.size();
+  rows.resize(2 * batch);  // the rows, then a sorted copy to find a repeat in O(B log B)
+  for (size_t i = 0; i < batch; ++i) {
     rows[i] = cache.tables().sequence_slot(seqs[i]);
     if (rows[i] < 0) return status::unknown_sequence;
   }
-  for (auto it = rows.begin(); it != rows.end(); ++it)
-    if (std::find(rows.begin(), it, *it) != it) return status::invalid_argument;
-  return status::success;
+  const auto copy = rows.begin() + static_cast<ptrdiff_t>(batch);
+  std::copy(rows.begin(), copy, copy);
+  std::sort(copy, rows.end());
+  const bool repeated = std::adjacent_find(copy, rows.end()) != rows.end();
+  rows.resize(batch);
+  return repeated ? status::invalid_argument : status::success;
 }
 
 }  // namespace detail
