@@ -241,11 +241,14 @@ class cache_run {
   }
 
   std::string step() {
-    switch (in_.byte() % 16) {
+    const uint8_t op = in_.byte();
+    switch (op % 16) {
       case 0: case 1: return add();
       case 2: return free();
       case 3: return append(false);
-      case 4: return append_batch();
+      // The batch append came last: it takes the top sixteenth of a second append byte, so the
+      // inputs in tests/fuzz/regressions/ still replay the sessions that found their bugs.
+      case 4: return op < 240 ? append(false) : append_batch();
       case 5: return append(true);
       case 6: case 7: case 8: return compress();
       case 9: return apply();

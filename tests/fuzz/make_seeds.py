@@ -28,7 +28,7 @@ def append_layer(layer, tokens, seed, live=0):
 
 def append_batch(picks, layer, tokens, seed):
     # picks: sequence choices (0 = first live); each continues from its own next position
-    return [4, len(picks)] + picks + [layer + 1, NO, tokens - 1] + [0] * len(picks) + [NO, seed, NO, seed + 1, NO, NO]
+    return [4 + 240, len(picks)] + picks + [layer + 1, NO, tokens - 1] + [0] * len(picks) + [NO, seed, NO, seed + 1, NO, NO]
 
 
 def policy_tail(rows, seed, by_layer=False, layer=0):
