@@ -305,6 +305,17 @@ class cache_run {
   //! What the store holds for value x (fp32 in the host cache, T in the device cache).
   static float stored(float x) { return to_float(from_float<T>(to_float(from_float<source_t>(x)))); }
 
+  //! The model side of a successful append to `seq`: the values as the store holds them, and
+  //! the sequence's next position past those appended.
+  void model_append(int64_t seq, int32_t first, int32_t layers, std::span<const int32_t> positions,
+                    std::span<const float> k, std::span<const float> v) {
+    std::vector<float> ks(k.size()), vs(v.size());
+    std::transform(k.begin(), k.end(), ks.begin(), stored);
+    std::transform(v.begin(), v.end(), vs.begin(), stored);
+    model_.append(seq, first, layers, positions, ks, vs);
+    for (const int32_t p : positions) next_[seq] = std::max<int64_t>(next_[seq], static_cast<int64_t>(p) + 1);
+  }
+
   std::string append(bool one_layer) {
     const int64_t seq = pick_sequence();
     const int32_t layer = one_layer ? in_.int32_edge(-1, shape_.layers) : 0;
@@ -339,12 +350,7 @@ class cache_run {
     }
     const auto ks = to_source(k), vs = to_source(v);
     const status got = one_layer ? cache_.append_layer(seq, layer, positions, ks, vs) : cache_.append(seq, positions, ks, vs);
-    if (got == status::success) {
-      for (float& x : k) x = stored(x);
-      for (float& x : v) x = stored(x);
-      model_.append(seq, one_layer ? layer : 0, layers, positions, k, v);
-      for (const int32_t p : positions) next_[seq] = std::max<int64_t>(next_[seq], static_cast<int64_t>(p) + 1);
-    }
+    if (got == status::success) model_append(seq, one_layer ? layer : 0, layers, positions, k, v);
     return done(one_layer ? "append_layer" : "append", got, want);
   }
 
@@ -403,16 +409,11 @@ class cache_run {
     }
     const auto ks = to_source(k), vs = to_source(v);
     const status got = cache_.append_layer(seqs, layer, positions, ks, vs);
-    if (got == status::success) {
-      for (float& x : k) x = stored(x);
-      for (float& x : v) x = stored(x);
-      for (size_t b = 0; b < batch; ++b) {
-        const auto mine = std::span<const int32_t>(positions).subspan(b * per, per);
-        model_.append(seqs[b], layer, 1, mine, std::span<const float>(k).subspan(b * per * row, per * row),
-                      std::span<const float>(v).subspan(b * per * row, per * row));
-        for (const int32_t p : mine) next_[seqs[b]] = std::max<int64_t>(next_[seqs[b]], static_cast<int64_t>(p) + 1);
-      }
-    }
+    if (got == status::success)
+      for (size_t b = 0; b < batch; ++b)
+        model_append(seqs[b], layer, 1, std::span<const int32_t>(positions).subspan(b * per, per),
+                     std::span<const float>(k).subspan(b * per * row, per * row),
+                     std::span<const float>(v).subspan(b * per * row, per * row));
     return done("append_layer batch", got, want);
   }
 

@@ -78,7 +78,6 @@ class block_tables {
     t.pool_ = block_pool(config.num_blocks);
     t.ids_.assign(static_cast<size_t>(config.max_sequences), no_sequence);
     t.index_.assign(std::bit_ceil(2 * static_cast<size_t>(config.max_sequences)), -1);
-    t.index_shift_ = 64 - std::countr_zero(t.index_.size());
     t.row_epochs_.assign(static_cast<size_t>(config.max_sequences), 0);
     const size_t heads = static_cast<size_t>(config.max_sequences) * static_cast<size_t>(config.heads_per_sequence());
     t.lengths_.assign(heads, 0);
@@ -413,11 +412,12 @@ class block_tables {
     c.first = first;
     c.count = count;
   }
-  //! Where the probe for `seq` starts in index_: Fibonacci hashing, the product's top bits,
-  //! which every bit of the id reaches (ids are often 0, 1, 2..., or carry a shard in their
-  //! high bits).
+  //! Where the probe for `seq` starts in index_: Fibonacci hashing, the product's top
+  //! log2(index size) bits, which every bit of the id reaches (ids are often 0, 1, 2..., or
+  //! carry a shard in their high bits).
   [[nodiscard]] size_t home(int64_t seq) const noexcept {
-    return static_cast<size_t>((static_cast<uint64_t>(seq) * 0x9e3779b97f4a7c15ull) >> index_shift_);
+    const int bits = std::countr_zero(index_.size());
+    return static_cast<size_t>((static_cast<uint64_t>(seq) * 0x9e3779b97f4a7c15ull) >> (64 - bits));
   }
   //! Removes present `seq` from index_, shifting later entries of its probe run back into the
   //! gap (linear probing without tombstones: lookups stay short however often ids come and go).
@@ -478,7 +478,6 @@ class block_tables {
   block_pool pool_;
   std::vector<int64_t> ids_;      // [max_sequences] sequence id of each row, no_sequence if free
   std::vector<int32_t> index_;    // id -> row: open addressing, >= 2 max_sequences entries (row or -1)
-  int index_shift_ = 64;          // 64 - log2(index_.size())
   std::vector<uint32_t> row_epochs_;  // [max_sequences] the last batch that named each row
   uint32_t batch_epoch_ = 0;
   std::vector<int32_t> lengths_;  // [max_sequences][L][H] tokens
