@@ -130,6 +130,10 @@ TEST_CASE("tensor-core window scores equal the fp32 path's to rounding", "[cuda]
     const auto p = kv::pyramidkv({.budget = b, .window = 40, .pool = kv::pooling::avg, .kernel = 5});
     compare_maths(p.metric, p.protect, d, group, 40, bs, bf16_queries);
   }
+  SECTION("SnapKV: 12 rows, so 8-pair tiles straddle query heads at G = 4") {
+    const auto p = kv::snapkv({.budget = b, .window = 12});
+    compare_maths(p.metric, p.protect, d, group, 12, bs, bf16_queries);
+  }
   SECTION("KV-Compress observation: squared probabilities") {
     const auto p = kv::kv_compress({.budget = b, .block_size = bs, .protected_window = 8});
     compare_maths(p.metric.observation, p.protect, d, group, 8, bs, bf16_queries);

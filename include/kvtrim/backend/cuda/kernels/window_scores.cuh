@@ -598,34 +598,37 @@ __device__ void for_each_mma_tile(const paged_view<T>& pool, int64_t head, int32
 //! at `b_addr` (two per ldmatrix), both in ldmatrix order (a_rows_address, b_rows_address).
 //! One operand is the pair block's bf16 terms, `term_bytes` apart, of which the last `Terms`
 //! are used, small terms first: A in pass 1 (pairs are rows), B in pass 2 (BIsTerms: pairs are
-//! columns). B tiles at or past `live_tiles` (pass 2's zero pairs) are skipped.
-template <int32_t Terms, int32_t NTiles, bool BIsTerms>
+//! columns). Unless AllLive, B tiles at or past `live_tiles` (pass 2's pairs past the count,
+//! whose rows the term matrices may not have) are skipped.
+//! A step of 16 along d loads its fragments first, then runs the MMAs term by term across
+//! every tile: consecutive MMAs update different accumulators (one accumulator's three terms
+//! back to back would wait on each other), and each accumulator still adds its terms in the
+//! same order, so the sums are the same.
+template <int32_t Terms, int32_t NTiles, bool BIsTerms, bool AllLive>
 __device__ __forceinline__ void mma_tiles(uint32_t a_addr, uint32_t b_addr, uint32_t term_bytes, int32_t ld,
                                           int32_t dp, int32_t live_tiles, float (&acc)[NTiles][4]) {
+  const auto live = [&](int32_t n) { return AllLive || 2 * n < live_tiles; };
   for (int32_t c = 0; c < dp; c += 16) {
     uint32_t a[BIsTerms ? 1 : Terms][4];
 #pragma unroll
     for (int32_t t = 0; t < (BIsTerms ? 1 : Terms); ++t)
       ldmatrix_x4(a[t], a_addr + (BIsTerms ? 0u : (Terms - 1 - t) * term_bytes) + static_cast<uint32_t>(c * 2));
+    const uint32_t b_step = b_addr + static_cast<uint32_t>(c * 2);
+    uint32_t b[NTiles / 2][4];
 #pragma unroll
-    for (int32_t n = 0; n < NTiles / 2; ++n) {
-      if (2 * n >= live_tiles) break;
-      const uint32_t b_tile = b_addr + static_cast<uint32_t>((16 * n * ld + c) * 2);
-      uint32_t b[4];
-      if constexpr (BIsTerms) {
+    for (int32_t t = 0; t < Terms; ++t) {
+      if (BIsTerms || t == 0) {  // pass 2 loads each term's tiles; pass 1 the key tiles once
 #pragma unroll
-        for (int32_t t = 0; t < Terms; ++t) {
-          ldmatrix_x4(b, b_tile + (Terms - 1 - t) * term_bytes);
-          mma_bf16_16816(acc[2 * n], a[0], b[0], b[1]);
-          mma_bf16_16816(acc[2 * n + 1], a[0], b[2], b[3]);
-        }
-      } else {
-        ldmatrix_x4(b, b_tile);
+        for (int32_t n = 0; n < NTiles / 2; ++n)
+          if (live(n))
+            ldmatrix_x4(b[n], b_step + static_cast<uint32_t>(16 * n * ld * 2) + (BIsTerms ? (Terms - 1 - t) * term_bytes : 0u));
+      }
+      const uint32_t(&at)[4] = a[BIsTerms ? 0 : t];
 #pragma unroll
-        for (int32_t t = 0; t < Terms; ++t) {
-          mma_bf16_16816(acc[2 * n], a[t], b[0], b[1]);
-          mma_bf16_16816(acc[2 * n + 1], a[t], b[2], b[3]);
-        }
+      for (int32_t n = 0; n < NTiles / 2; ++n) {
+        if (!live(n)) continue;
+        mma_bf16_16816(acc[2 * n], at, b[n][0], b[n][1]);
+        mma_bf16_16816(acc[2 * n + 1], at, b[n][2], b[n][3]);
       }
     }
   }
@@ -686,9 +689,9 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
       float acc[n_tiles][4] = {};
       const uint32_t b_addr = b_rows_address(s.tile_address(stage), ld, lane);
       if (terms == 3) {
-        mma_tiles<3, n_tiles, false>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
+        mma_tiles<3, n_tiles, false, true>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
       } else {
-        mma_tiles<1, n_tiles, false>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
+        mma_tiles<1, n_tiles, false, true>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
       }
       int2 kpos[n_tiles];
 #pragma unroll
@@ -763,11 +766,20 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
   for (int32_t first = 0; first < l.pairs; first += s.pairs) {
     const int32_t count = min(s.pairs, l.pairs - first);
     __syncthreads();  // the previous block is done with the pair block, its stats and the ring
-    for (int32_t q = threadIdx.x; q < s.pairs; q += blockDim.x) {  // a row's max and 1 / its denominator
+    const int32_t terms = stage_mma_pairs(p, wh, first, count, s);
+    // Per pair, what each probability needs: its row's max and 1 / denominator, and in place of
+    // its position the last key position that counts (query position - buffer). A row that no
+    // key counts for (past the count, no causal key, or a limit below every int32 position)
+    // gets max +inf and 0, whose exp2 and product are the 0 the masked keys get.
+    for (int32_t q = threadIdx.x; q < s.pairs; q += blockDim.x) {  // the thread that staged position q
       const int64_t at = (wh.index * l.pairs + first + q) * 2;
-      s.stats()[q] = q < count ? float2{p.stats[at], 1.f / p.stats[at + 1]} : float2{-INFINITY, 1.f};
+      const int64_t limit = static_cast<int64_t>(s.qpos()[q]) - a.metric.buffer;
+      const float m = q < count ? p.stats[at] : -INFINITY;
+      const bool none = m == -INFINITY || limit < INT32_MIN;
+      s.stats()[q] = none ? float2{INFINITY, 0.f} : float2{m, 1.f / p.stats[at + 1]};
+      s.qpos()[q] = none ? INT32_MIN : static_cast<int32_t>(limit);
     }
-    const int32_t terms = stage_mma_pairs(p, wh, first, count, s);  // its barrier publishes the stats
+    __syncthreads();
     const int32_t live_tiles = (count + 7) / 8;
     const uint32_t b_addr = b_rows_address(shared_address(s.term(0)), ld, lane);
     // Query heads whose rows this block holds: [g_first, g_last].
@@ -776,58 +788,81 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
       if (16 * warp >= keys) return;  // warp-uniform: the tile's last keys
       float acc[n_tiles][4] = {};     // rows: keys key0 (acc[n][0, 1]) and key0 + 8 (acc[n][2, 3])
       const uint32_t a_addr = a_rows_address(s.tile_address(stage), 16 * warp, ld, lane);
-      if (terms == 3) {
-        mma_tiles<3, n_tiles, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
+      if (live_tiles == n_tiles) {  // a full block: no per-tile tests
+        if (terms == 3) {
+          mma_tiles<3, n_tiles, true, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
+        } else {
+          mma_tiles<1, n_tiles, true, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
+        }
+      } else if (terms == 3) {
+        mma_tiles<3, n_tiles, true, false>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
       } else {
-        mma_tiles<1, n_tiles, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
+        mma_tiles<1, n_tiles, true, false>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
       }
-      const int64_t kpos[2] = {s.kpos(stage)[key0], s.kpos(stage)[key0 + 8]};
+      const int32_t kpos[2] = {s.kpos(stage)[key0], s.kpos(stage)[key0 + 8]};
 #pragma unroll
       for (int32_t n = 0; n < n_tiles; ++n) {
         if (n >= live_tiles) break;  // no pairs there (nor stats: a 64-pair block holds 64)
         const int32_t pair = 8 * n + 2 * quad;
         const float4 st = *reinterpret_cast<const float4*>(s.stats() + pair);  // pair, pair + 1: {m, 1 / s}
-        const int2 qp = *reinterpret_cast<const int2*>(s.qpos() + pair);
+        const int2 lim = *reinterpret_cast<const int2*>(s.qpos() + pair);     // their key-position limits
         const float pm[2] = {st.x, st.z}, pinv[2] = {st.y, st.w};
-        const int64_t limit[2] = {static_cast<int64_t>(qp.x) - a.metric.buffer, static_cast<int64_t>(qp.y) - a.metric.buffer};
+        const int32_t limit[2] = {lim.x, lim.y};
 #pragma unroll
         for (int32_t e = 0; e < 4; ++e) {
           const int32_t j = e % 2;  // the pair; e / 2 the key
           float v = 0.f;
-          if (pm[j] != -INFINITY && kpos[e / 2] <= limit[j]) {
+          if (kpos[e / 2] <= limit[j]) {
             v = exp2f(__fmul_rn(acc[n][e], p.logit_scale) - pm[j]) * pinv[j];  // the logit rounded, as in pass 1
             if (squared) v *= v;
           }
           acc[n][e] = v;
         }
       }
-      // Per query head: this lane's pairs of its rows, then the quad's; tiles wholly inside
-      // the head's rows skip the per-pair test (the usual case, w a multiple of 8).
-      for (int32_t g = g_first; g <= g_last; ++g) {
-        const int32_t lo = max(g * w, first) - first, hi = min((g + 1) * w, first + count) - first;
-        float s0 = 0.f, s1 = 0.f;  // keys key0, key0 + 8
-#pragma unroll
-        for (int32_t n = 0; n < n_tiles; ++n) {
-          if (8 * n + 8 <= lo || 8 * n >= hi) continue;
-          if (8 * n >= lo && 8 * n + 8 <= hi) {
-            s0 += acc[n][0] + acc[n][1];
-            s1 += acc[n][2] + acc[n][3];
-          } else {
-            const int32_t pair = 8 * n + 2 * quad;
-            const bool in0 = pair >= lo && pair < hi, in1 = pair + 1 >= lo && pair + 1 < hi;
-            s0 += (in0 ? acc[n][0] : 0.f) + (in1 ? acc[n][1] : 0.f);
-            s1 += (in0 ? acc[n][2] : 0.f) + (in1 ? acc[n][3] : 0.f);
-          }
-        }
+      // Per query head: the sums of this lane's pairs of its rows (s0, s1: keys key0, key0 + 8),
+      // then the quad's, stored (or added to an earlier block's).
+      const auto store = [&](int32_t g, float s0, float s1) {
         s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
         s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
         s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
         s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-        if (quad != 0) continue;
+        if (quad != 0) return;
         float* out = p.agg + (wh.index * l.per_row + g) * a.stride + base;
         const bool earlier = first > g * w;  // rows of g in an earlier block
         if (key0 < keys) out[key0] = earlier ? out[key0] + s0 : s0;
         if (key0 + 8 < keys) out[key0 + 8] = earlier ? out[key0 + 8] + s1 : s1;
+      };
+      if (w % 8 == 0) {
+        // The usual case: every 8-pair tile lies in one query head (blocks start at multiples
+        // of 8), so one walk over the tiles sums each head's and stores it at its last tile.
+        int32_t g = g_first, head_end = min((g + 1) * w, first + count) - first;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int32_t n = 0; n < n_tiles; ++n) {
+          if (n >= live_tiles) break;
+          s0 += acc[n][0] + acc[n][1];
+          s1 += acc[n][2] + acc[n][3];
+          if (8 * n + 8 == head_end) {
+            store(g, s0, s1);
+            s0 = s1 = 0.f;
+            ++g;
+            head_end = min(head_end + w, count);
+          }
+        }
+        return;
+      }
+      for (int32_t g = g_first; g <= g_last; ++g) {  // tiles may straddle two heads: test each pair
+        const int32_t lo = max(g * w, first) - first, hi = min((g + 1) * w, first + count) - first;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int32_t n = 0; n < n_tiles; ++n) {
+          if (8 * n + 8 <= lo || 8 * n >= hi) continue;
+          const int32_t pair = 8 * n + 2 * quad;
+          const bool in0 = pair >= lo && pair < hi, in1 = pair + 1 >= lo && pair + 1 < hi;
+          s0 += (in0 ? acc[n][0] : 0.f) + (in1 ? acc[n][1] : 0.f);
+          s1 += (in0 ? acc[n][2] : 0.f) + (in1 ? acc[n][3] : 0.f);
+        }
+        store(g, s0, s1);
       }
     });
   }
