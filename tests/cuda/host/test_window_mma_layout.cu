@@ -1,7 +1,8 @@
-// The tensor-core window passes' shape choice and shared-memory layout (window_scores.cuh),
+// The tensor-core window passes' shape choice and shared-memory layouts (window_scores.cuh),
 // host arithmetic only, so it needs no GPU. ldmatrix and cp.async need 16-byte aligned rows
 // and regions; the launch sizes dynamic shared memory with smem_bytes; the host picks the
-// widest shape a device's opt-in shared memory holds.
+// widest pass-1 shape a device's opt-in shared memory holds; pass 2 has one shape, which
+// must fit every device that runs tensor cores.
 #include <catch2/catch.hpp>
 
 #include <cstdint>
@@ -27,17 +28,14 @@ TEST_CASE("tensor-core window layout: every region is 16-byte aligned and inside
       CHECK(mma::term_bytes(d, s.pairs) % 16 == 0);
       CHECK(mma::tile_bytes(d, s.keys) % 16 == 0);
       CHECK(mma::tiles_at(d, s.pairs) == mma::max_terms * mma::term_bytes(d, s.pairs));
-      const int64_t stats = mma::stats_at(d, s.pairs, s.keys, s.stages);
-      CHECK(stats == mma::tiles_at(d, s.pairs) + s.stages * mma::tile_bytes(d, s.keys));
-      CHECK(stats % 16 == 0);  // float4 reads of two pairs' {max, 1 / denominator}
-      // query positions after the stats, key positions after them: int2 reads at even indices
-      const int64_t qpos = stats + s.pairs * 8, kpos = qpos + s.pairs * 4;
+      // query positions after the key tiles, key positions after them: int2 reads at even indices
+      const int64_t qpos = mma::positions_at(d, s.pairs, s.keys, s.stages), kpos = qpos + s.pairs * 4;
+      CHECK(qpos == mma::tiles_at(d, s.pairs) + s.stages * mma::tile_bytes(d, s.keys));
       CHECK(qpos % 16 == 0);
       CHECK(kpos % 16 == 0);
       CHECK(kpos + static_cast<int64_t>(s.stages) * s.keys * 4 == s.smem_bytes(d));
       CHECK(s.pairs <= mma::max_pairs);
       CHECK(2 * s.pairs <= mma::max_threads);  // pass 1's threads
-      CHECK(2 * s.keys <= mma::max_threads);   // pass 2's threads
       CHECK(s.stages >= 2);
       CHECK(s.stages <= 3);  // cp_async_wait takes 0 or 1 pending groups
     }
@@ -73,4 +71,30 @@ TEST_CASE("tensor-core window shape: the widest that fits the device's shared me
   CHECK(cu::detail::mma_shape_for(128, ada).keys == 64);
   CHECK(cu::detail::mma_shape_for(128, ada).pairs == 64);
   CHECK(cu::detail::mma_shape_for(128, 0).keys == 0);
+}
+
+TEST_CASE("tensor-core window pass 2: aligned regions, and it fits every sm_80+ device", "[cuda]") {
+  using probs = cu::detail::tensor_core_logits;
+  CHECK(probs::threads / 32 * 16 == probs::pairs);  // a warp per 16 pair rows
+  CHECK(probs::logit_pitch % 4 == 0);              // float4 reads of the logit tile
+  for (int32_t d = 8; d <= cu::max_tensor_core_head_dim; d += 8) {
+    CAPTURE(d);
+    // The pair block's three terms, then the key tile (which the logit and probability tiles
+    // overwrite), then the key and query positions.
+    CHECK(probs::q_bytes(d) >= mma::max_terms * mma::term_bytes(d, probs::pairs));
+    CHECK(probs::q_bytes(d) % 128 == 0);
+    CHECK(probs::tile_bytes(d) >= mma::tile_bytes(d, cu::detail::window_keys));
+    CHECK(probs::tile_bytes(d) >= probs::logit_bytes);
+    CHECK(probs::tile_bytes(d) >= static_cast<int64_t>(probs::pairs) * cu::detail::prob_pitch * 4);
+    CHECK(probs::tile_bytes(d) % 128 == 0);
+    CHECK(static_cast<int64_t>(probs::smem_bytes(d)) ==
+          probs::q_bytes(d) + probs::tile_bytes(d) + (cu::detail::window_keys + probs::pairs) * 4);
+    // The prefetch registers hold the tile's 16-byte chunks.
+    CHECK(cu::detail::window_keys * (mma::padded(d) / 8) <=
+          probs::key_tile<kvtrim::bfloat16>::max_chunks * probs::threads);
+    // The least opt-in shared memory per block of an sm_80+ device: 99 KiB (sm_86, sm_89, sm_120).
+    CHECK(probs::smem_bytes(d) <= 101376u);
+  }
+  // Three CTAs an SM on sm_90 (228 KiB an SM, 1 KiB of it reserved per CTA) at head dim 128.
+  CHECK(3 * (probs::smem_bytes(128) + 1024) <= 233472);
 }

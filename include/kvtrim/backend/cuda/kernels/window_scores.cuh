@@ -25,8 +25,10 @@
 //!   own fp32 accumulation); a single bf16 MMA would round the queries instead. Its key tiles
 //!   arrive by 16-byte cp.async, so `automatic` takes it only for 16-byte aligned keys.
 //!   Queries that are bf16 values already (a bf16 model's) have zero low terms: a pair block
-//!   whose queries all are takes one MMA per tile, with the same result. The work is divided
-//!   as in FlashAttention-2 (window_stats_mma_kernel's comment).
+//!   whose queries all are takes one MMA per tile, with the same result. Pass 1 divides the
+//!   work as in FlashAttention-2, its logits in registers (window_stats_mma_kernel); pass 2
+//!   puts each logit tile, the same MMAs', in shared memory and sums rows as the exact path
+//!   does (tensor_core_logits).
 //! - `automatic` (default): `tensor_cores` wherever it applies, `exact` elsewhere.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -72,7 +74,8 @@ struct window_score_arguments {
 
 //! The exact path's shared memory holds a 128-pair block and a 64-key tile in fp32: about 100
 //! KiB at head dim 128 and 205 KiB at 256 (within sm_90's 227 KiB per block). The tensor-core
-//! path's sizes are its shapes' (mma_shapes below: 207 KiB at 128 on sm_90, one CTA an SM).
+//! pass 1's sizes are its shapes' (mma_shapes below: 206 KiB at 128 on sm_90, one CTA an SM);
+//! its pass 2 holds a 64-pair block and a 64-key tile (tensor_core_logits: 70 KiB at 128).
 inline constexpr int32_t max_window_head_dim = 256;
 inline constexpr int32_t max_tensor_core_head_dim = 128;
 
@@ -89,7 +92,7 @@ template <kv_element T>
 }
 
 namespace detail {
-//! Shared memory of the tensor-core passes (window_stats_mma_kernel, window_probs_mma_kernel).
+//! Shared memory of the tensor-core pass 1 (window_stats_mma_kernel).
 struct mma_window {
   static constexpr int32_t max_terms = 3;
   static constexpr int32_t max_pairs = 128;
@@ -105,22 +108,22 @@ struct mma_window {
   [[nodiscard]] __host__ __device__ static constexpr int64_t tile_bytes(int32_t d, int32_t keys) noexcept {
     return static_cast<int64_t>(keys) * pitch(d) * 2;
   }
-  //! [terms][pairs][pitch] bf16 | [stages][keys][pitch] bf16 | stats float2 [pairs] |
-  //! query positions [pairs] | key positions [stages][keys]. Every region starts 16-byte aligned.
+  //! [terms][pairs][pitch] bf16 | [stages][keys][pitch] bf16 | query positions [pairs] |
+  //! key positions [stages][keys]. Every region starts 16-byte aligned.
   [[nodiscard]] __host__ __device__ static constexpr int64_t tiles_at(int32_t d, int32_t pairs) noexcept {
     return max_terms * term_bytes(d, pairs);
   }
-  [[nodiscard]] __host__ __device__ static constexpr int64_t stats_at(int32_t d, int32_t pairs, int32_t keys,
-                                                                       int32_t stages) noexcept {
+  [[nodiscard]] __host__ __device__ static constexpr int64_t positions_at(int32_t d, int32_t pairs, int32_t keys,
+                                                                           int32_t stages) noexcept {
     return tiles_at(d, pairs) + stages * tile_bytes(d, keys);
   }
   [[nodiscard]] __host__ __device__ static constexpr int64_t smem_bytes(int32_t d, int32_t pairs, int32_t keys,
                                                                          int32_t stages) noexcept {
-    return stats_at(d, pairs, keys, stages) + pairs * (8 + 4) + static_cast<int64_t>(stages) * keys * 4;
+    return positions_at(d, pairs, keys, stages) + pairs * 4 + static_cast<int64_t>(stages) * keys * 4;
   }
 };
 
-//! The shape of the tensor-core passes on a device: key-tile width, pairs per block and ring
+//! The shape of the tensor-core pass 1 on a device: key-tile width, pairs per block and ring
 //! depth. 0 keys where nothing fits.
 struct mma_shape {
   int32_t keys = 0;
@@ -129,7 +132,7 @@ struct mma_shape {
   [[nodiscard]] int64_t smem_bytes(int32_t d) const noexcept { return mma_window::smem_bytes(d, pairs, keys, stages); }
 };
 
-//! The shapes, widest first. At head dim 128: 207 KiB for the first (sm_90 offers 227), 155
+//! The shapes, widest first. At head dim 128: 206 KiB for the first (sm_90 offers 227), 154
 //! KiB for 64 x 128 x 3 (sm_80: 163), 86 KiB for the last (sm_86 and sm_89: 99).
 inline constexpr mma_shape mma_shapes[] = {{128, 128, 3}, {128, 128, 2}, {64, 128, 3}, {64, 128, 2}, {64, 64, 2}};
 
@@ -358,20 +361,25 @@ __device__ void stage_key_positions(const paged_view<T>& pool, int64_t head, int
     skpos[k] = k < count ? pool.positions[pool.physical(head, base + k)] : INT32_MAX;
 }
 
-//! An exact-path CTA's shared-memory regions (exact_logits::view).
+//! The shared-memory regions of a CTA of window_stats_kernel or window_probs_kernel, carved by
+//! the logit policy (exact_logits, tensor_core_logits).
 struct window_smem_view {
   void* q;         // the pair block
   void* k;         // the key tile
+  float* logits;   // tensor cores: the pairs x 64 fp32 logit tile, over the key tile
   float* probs;    // pass 2: [pairs][prob_pitch], written once the logits are in registers
   int32_t* skpos;  // [window_keys]
   int32_t* sqpos;  // [pairs]
 };
+
+[[nodiscard]] __host__ __device__ constexpr int64_t round_up_128(int64_t bytes) noexcept { return (bytes + 127) / 128 * 128; }
 
 //! window_math::exact: the pair block [d][pair_pitch] and the key tile [d][key_pitch] in fp32,
 //! transposed so each thread reads float4 rows; the probability tile reuses the key tile.
 struct exact_logits {
   static constexpr int32_t pairs = 128;
   static constexpr int32_t threads = window_threads_for(pairs);
+  static constexpr int32_t min_blocks = 1;
   static constexpr int32_t pair_pitch = pairs + 4;  // transposed rows, 16-byte aligned
   [[nodiscard]] __host__ __device__ static int64_t tile_floats(int32_t d) noexcept {
     const int64_t keys = static_cast<int64_t>(d) * key_pitch, probs = static_cast<int64_t>(pairs) * prob_pitch;
@@ -385,14 +393,16 @@ struct exact_logits {
     window_smem_view v;
     v.q = smem;
     v.k = smem + static_cast<int64_t>(d) * pair_pitch * sizeof(float);
+    v.logits = nullptr;
     v.probs = static_cast<float*>(v.k);
     v.skpos = reinterpret_cast<int32_t*>(static_cast<float*>(v.k) + tile_floats(d));
     v.sqpos = v.skpos + window_keys;
     return v;
   }
+  //! Returns what tile() takes as `terms` (one: the queries stay fp32).
   template <kv_element T>
-  __device__ static void stage_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
-                                     const window_smem_view& v) {
+  __device__ static int32_t stage_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first,
+                                        int32_t count, const window_smem_view& v) {
     const int32_t d = p.args.pool.head_dim;
     float* sq = static_cast<float*>(v.q);
     for (int32_t i = threadIdx.x; i < pairs * d; i += blockDim.x) {
@@ -400,6 +410,7 @@ struct exact_logits {
       sq[c * pair_pitch + q] = q < count ? pair_query(p, wh, first + q)[c] : 0.f;
     }
     stage_pair_positions(p, wh, first, count, pairs, v.sqpos);
+    return 1;
   }
   //! A key tile, loaded and staged when stored: fetch() only notes which keys. Lanes walk
   //! keys fastest, so the transposed shared-memory stores do not conflict.
@@ -427,7 +438,7 @@ struct exact_logits {
   };
   //! This thread's 4 x 8 logits: pairs 4 pg + i, keys 8 kg + j, dot products over c ascending,
   //! times `scale`.
-  __device__ static void tile(const window_smem_view& v, int32_t d, float scale, float (&x)[4][8]) {
+  __device__ static void tile(const window_smem_view& v, int32_t d, float scale, int32_t /*terms*/, float (&x)[4][8]) {
     const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
     const float* sq = static_cast<const float*>(v.q);
     const float* sk = static_cast<const float*>(v.k);
@@ -502,27 +513,28 @@ struct mma_smem {
   [[nodiscard]] __device__ uint32_t tile_address(int32_t stage) const {
     return shared_address(base + mma_window::tiles_at(d, pairs) + stage * mma_window::tile_bytes(d, keys));
   }
-  [[nodiscard]] __device__ float2* stats() const {
-    return reinterpret_cast<float2*>(base + mma_window::stats_at(d, pairs, keys, stages));
+  [[nodiscard]] __device__ int32_t* qpos() const {
+    return reinterpret_cast<int32_t*>(base + mma_window::positions_at(d, pairs, keys, stages));
   }
-  [[nodiscard]] __device__ int32_t* qpos() const { return reinterpret_cast<int32_t*>(stats() + pairs); }
   [[nodiscard]] __device__ int32_t* kpos(int32_t stage) const { return qpos() + pairs + stage * keys; }
 };
 
-//! Stages pairs [first, first + count) of the head into the three term matrices and their
-//! positions (zero rows and position -1 past the count). Every thread of the CTA calls it: it
-//! ends with a CTA barrier and returns the number of terms the block needs (1 where every low
-//! term is zero, as for a bf16 model's queries: zero terms would add exact zeros).
+//! Stages pairs [first, first + count) of the head of a block of `pairs` as three bf16 term
+//! matrices [pairs][pitch] one after another from `terms` (hi, mid, lo: hi + mid + lo == the
+//! fp32 query; zero rows past the count, zero columns past d), and their positions into
+//! `sqpos` (-1 past the count). Every thread of the CTA calls it: it ends with a CTA barrier
+//! and returns the number of terms the block needs (1 where every low term is zero, as for a
+//! bf16 model's queries: zero terms would add exact zeros).
 template <kv_element T>
-__device__ int32_t stage_mma_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
-                                   const mma_smem& s) {
-  const int32_t d = s.d, dp = mma_window::padded(d), ld = mma_window::pitch(d);
+__device__ int32_t stage_query_terms(const window_params<T>& p, const window_head<T>& wh, int32_t first, int32_t count,
+                                     int32_t pairs, __nv_bfloat16* terms, int32_t* sqpos) {
+  const int32_t d = p.args.pool.head_dim, dp = mma_window::padded(d), ld = mma_window::pitch(d);
   const int32_t warps = static_cast<int32_t>(blockDim.x) / 32;
-  __nv_bfloat16* hi = s.term(0);
-  __nv_bfloat16* mid = s.term(1);
-  __nv_bfloat16* lo = s.term(2);
+  __nv_bfloat16* hi = terms;
+  __nv_bfloat16* mid = hi + pairs * ld;
+  __nv_bfloat16* lo = mid + pairs * ld;
   bool low_terms = false;
-  for (int32_t q = threadIdx.x / 32; q < s.pairs; q += warps) {  // a warp per row, lanes along d
+  for (int32_t q = threadIdx.x / 32; q < pairs; q += warps) {  // a warp per row, lanes along d
     const float* row = q < count ? pair_query(p, wh, first + q) : nullptr;
     for (int32_t c = threadIdx.x % 32; c < dp; c += 32) {
       const float x = row && c < d ? row[c] : 0.f;
@@ -537,7 +549,7 @@ __device__ int32_t stage_mma_pairs(const window_params<T>& p, const window_head<
       low_terms = low_terms || __bfloat162float(m) != 0.f || __bfloat162float(l) != 0.f;
     }
   }
-  stage_pair_positions(p, wh, first, count, s.pairs, s.qpos());
+  stage_pair_positions(p, wh, first, count, pairs, sqpos);
   return __syncthreads_or(low_terms ? 1 : 0) ? 3 : 1;
 }
 
@@ -594,43 +606,33 @@ __device__ void for_each_mma_tile(const paged_view<T>& pool, int64_t head, int32
   }
 }
 
-//! acc += A x B^T over d for one warp: 16 rows of A at `a_addr` and `NTiles` 8-row tiles of B
-//! at `b_addr` (two per ldmatrix), both in ldmatrix order (a_rows_address, b_rows_address).
-//! One operand is the pair block's bf16 terms, `term_bytes` apart, of which the last `Terms`
-//! are used, small terms first: A in pass 1 (pairs are rows), B in pass 2 (BIsTerms: pairs are
-//! columns). Unless AllLive, B tiles at or past `live_tiles` (pass 2's pairs past the count,
-//! whose rows the term matrices may not have) are skipped.
+//! acc += A x B^T over d for one warp: 16 query rows of A at `a_addr`, the pair block's bf16
+//! terms `term_bytes` apart of which the last `Terms` are used, small terms first, and
+//! `NTiles` 8-key tiles of B at `b_addr` (two per ldmatrix), both in ldmatrix order
+//! (a_rows_address, b_rows_address). Both passes take their logits from here, so pass 2's are
+//! pass 1's to the bit.
 //! A step of 16 along d loads its fragments first, then runs the MMAs term by term across
 //! every tile: consecutive MMAs update different accumulators (one accumulator's three terms
-//! back to back would wait on each other), and each accumulator still adds its terms in the
-//! same order, so the sums are the same.
-template <int32_t Terms, int32_t NTiles, bool BIsTerms, bool AllLive>
+//! back to back would wait on each other), and each accumulator adds its terms in a fixed order.
+template <int32_t Terms, int32_t NTiles>
 __device__ __forceinline__ void mma_tiles(uint32_t a_addr, uint32_t b_addr, uint32_t term_bytes, int32_t ld,
-                                          int32_t dp, int32_t live_tiles, float (&acc)[NTiles][4]) {
-  const auto live = [&](int32_t n) { return AllLive || 2 * n < live_tiles; };
+                                          int32_t dp, float (&acc)[NTiles][4]) {
   for (int32_t c = 0; c < dp; c += 16) {
-    uint32_t a[BIsTerms ? 1 : Terms][4];
+    uint32_t a[Terms][4];
 #pragma unroll
-    for (int32_t t = 0; t < (BIsTerms ? 1 : Terms); ++t)
-      ldmatrix_x4(a[t], a_addr + (BIsTerms ? 0u : (Terms - 1 - t) * term_bytes) + static_cast<uint32_t>(c * 2));
+    for (int32_t t = 0; t < Terms; ++t)
+      ldmatrix_x4(a[t], a_addr + (Terms - 1 - t) * term_bytes + static_cast<uint32_t>(c * 2));
     const uint32_t b_step = b_addr + static_cast<uint32_t>(c * 2);
     uint32_t b[NTiles / 2][4];
 #pragma unroll
-    for (int32_t t = 0; t < Terms; ++t) {
-      if (BIsTerms || t == 0) {  // pass 2 loads each term's tiles; pass 1 the key tiles once
+    for (int32_t n = 0; n < NTiles / 2; ++n) ldmatrix_x4(b[n], b_step + static_cast<uint32_t>(16 * n * ld * 2));
 #pragma unroll
-        for (int32_t n = 0; n < NTiles / 2; ++n)
-          if (live(n))
-            ldmatrix_x4(b[n], b_step + static_cast<uint32_t>(16 * n * ld * 2) + (BIsTerms ? (Terms - 1 - t) * term_bytes : 0u));
-      }
-      const uint32_t(&at)[4] = a[BIsTerms ? 0 : t];
+    for (int32_t t = 0; t < Terms; ++t)
 #pragma unroll
       for (int32_t n = 0; n < NTiles / 2; ++n) {
-        if (!live(n)) continue;
-        mma_bf16_16816(acc[2 * n], at, b[n][0], b[n][1]);
-        mma_bf16_16816(acc[2 * n + 1], at, b[n][2], b[n][3]);
+        mma_bf16_16816(acc[2 * n], a[t], b[n][0], b[n][1]);
+        mma_bf16_16816(acc[2 * n + 1], a[t], b[n][2], b[n][3]);
       }
-    }
   }
 }
 #endif
@@ -646,22 +648,154 @@ __device__ __forceinline__ uint32_t b_rows_address(uint32_t base, int32_t ld, in
   return base + static_cast<uint32_t>(((lane % 8 + 8 * (lane / 16)) * ld + 8 * (lane / 8 % 2)) * 2);
 }
 
-//! window_math::tensor_cores (bf16 K), with FlashAttention-2's division of the work. The pair
+//! Pass 2 with tensor cores (bf16 K): the 64-pair block staged as three bf16 matrices
+//! (stage_query_terms), the key tile [key][pitch] in bf16 as stored; warp w computes logit rows
+//! [16 w, 16 w + 16) x 64 keys with pass 1's MMAs in pass 1's order (mma_tiles), so the logits
+//! are pass 1's to the bit, into an fp32 tile over the key tile, from which each thread reads
+//! its 4 x 8 (rows of its own warp). The probability tile reuses it too. 64 pairs keep the
+//! shared memory to 70 KiB at head dim 128, so three CTAs share an SM and one CTA's MMAs
+//! overlap another's softmax and row sums: on an H200 this pass beat a register-only one in
+//! pass 1's division (1.27 against 1.75 ms at B = 8, n = 32k; docs/performance.md).
+struct tensor_core_logits {
+  static constexpr int32_t pairs = 64;
+  static constexpr int32_t threads = window_threads_for(pairs);
+  static constexpr int32_t min_blocks = 3;
+  //! fp32 elements: a multiple of 4 (float4 reads), and 8 banks per row so the float2 stores of
+  //! a half-warp's four rows do not conflict.
+  static constexpr int32_t logit_pitch = window_keys + 8;
+  static_assert(threads / 32 * 16 == pairs, "one warp per 16 pair rows");
+  static_assert(prob_pitch <= logit_pitch, "the probability tile fits the logit tile");
+
+  [[nodiscard]] __host__ __device__ static constexpr int64_t q_bytes(int32_t d) noexcept {
+    return round_up_128(mma_window::max_terms * mma_window::term_bytes(d, pairs));
+  }
+  static constexpr int64_t logit_bytes = static_cast<int64_t>(pairs) * logit_pitch * sizeof(float);
+  //! The key tile, which the logit (and probability) tile overwrites once every warp's MMAs
+  //! are done with it.
+  [[nodiscard]] __host__ __device__ static constexpr int64_t tile_bytes(int32_t d) noexcept {
+    const int64_t keys = mma_window::tile_bytes(d, window_keys);
+    return round_up_128(keys > logit_bytes ? keys : logit_bytes);
+  }
+  [[nodiscard]] __host__ __device__ static constexpr size_t smem_bytes(int32_t d) noexcept {
+    return static_cast<size_t>(q_bytes(d) + tile_bytes(d) + (window_keys + pairs) * sizeof(int32_t));
+  }
+  __device__ static window_smem_view view(char* smem, int32_t d) {
+    window_smem_view v;
+    v.q = smem;
+    v.k = smem + q_bytes(d);
+    v.logits = static_cast<float*>(v.k);
+    v.probs = v.logits;
+    v.skpos = reinterpret_cast<int32_t*>(smem + q_bytes(d) + tile_bytes(d));
+    v.sqpos = v.skpos + window_keys;
+    return v;
+  }
+  //! Every thread of the CTA must call it (stage_query_terms); returns the terms for tile().
+  template <kv_element T>
+  __device__ static int32_t stage_pairs(const window_params<T>& p, const window_head<T>& wh, int32_t first,
+                                        int32_t count, const window_smem_view& v) {
+    return stage_query_terms(p, wh, first, count, pairs, static_cast<__nv_bfloat16*>(v.q), v.sqpos);
+  }
+  //! A key tile prefetched into registers: fetch() issues the 16-byte loads of the stored
+  //! bf16 rows (d % 8 == 0 and 16-byte aligned keys, so every row is 16-byte aligned) and
+  //! their positions, which land while the CTA works on the previous tile; store() writes
+  //! them to shared memory.
+  template <kv_element T>
+  struct key_tile {
+    static_assert(std::is_same_v<T, bfloat16>, "the tensor-core path reads bf16 keys");
+    static constexpr int32_t max_chunks = window_keys * (max_tensor_core_head_dim / 8) / threads;
+    uint4 chunk[max_chunks];
+    int32_t position = 0;  // of key threadIdx.x (threads below window_keys)
+    int32_t d = 0;
+
+    //! Calls f(r, k, ch) for this thread's chunks: chunk r is 16-byte chunk ch of key k of the
+    //! tile (k may pass the tile). Steps instead of dividing per chunk (d is a run-time value).
+    template <class F>
+    __device__ static void for_each_chunk(int32_t chunks, F&& f) {
+      int32_t k = static_cast<int32_t>(threadIdx.x) / chunks;
+      int32_t ch = static_cast<int32_t>(threadIdx.x) - k * chunks;
+      const int32_t k_step = threads / chunks, ch_step = threads - k_step * chunks;
+#pragma unroll
+      for (int32_t r = 0; r < max_chunks; ++r) {
+        f(r, k, ch);
+        k += k_step;
+        ch += ch_step;
+        if (ch >= chunks) ch -= chunks, ++k;
+      }
+    }
+
+    __device__ void fetch(const paged_view<T>& pool, int64_t head, int32_t base, int32_t count) {
+      d = pool.head_dim;
+      for_each_chunk(mma_window::padded(d) / 8, [&](int32_t r, int32_t k, int32_t ch) {
+        chunk[r] = uint4{0u, 0u, 0u, 0u};
+        if (k < count && ch * 8 < d)
+          chunk[r] = *reinterpret_cast<const uint4*>(pool.keys + pool.physical(head, base + k) * d + ch * 8);
+      });
+      if (threadIdx.x < window_keys)
+        position = static_cast<int32_t>(threadIdx.x) < count
+                       ? pool.positions[pool.physical(head, base + static_cast<int32_t>(threadIdx.x))]
+                       : INT32_MAX;
+    }
+    __device__ void store(const window_smem_view& v) const {
+      const int32_t ld = mma_window::pitch(d);
+      auto* sk = static_cast<__nv_bfloat16*>(v.k);
+      for_each_chunk(mma_window::padded(d) / 8, [&](int32_t r, int32_t k, int32_t ch) {
+        if (k < window_keys) *reinterpret_cast<uint4*>(sk + k * ld + ch * 8) = chunk[r];
+      });
+      if (threadIdx.x < window_keys) v.skpos[threadIdx.x] = position;
+    }
+  };
+  //! Every thread of the CTA must call it (it synchronises the CTA once: the logits overwrite
+  //! the key tile). Each thread's 4 x 8 logits are rows of its own warp's MMAs, times `scale`.
+  __device__ static void tile(const window_smem_view& v, int32_t d, float scale, int32_t terms, float (&x)[4][8]) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    constexpr int32_t n_tiles = window_keys / 8;  // a C fragment: keys 8 n + 2 (lane % 4) + {0, 1}
+    const int32_t ld = mma_window::pitch(d), dp = mma_window::padded(d);
+    const int32_t lane = static_cast<int32_t>(threadIdx.x) % 32, row = 16 * (static_cast<int32_t>(threadIdx.x) / 32);
+    const auto term_bytes = static_cast<uint32_t>(mma_window::term_bytes(d, pairs));
+    const uint32_t a_addr = a_rows_address(shared_address(v.q), row, ld, lane);
+    const uint32_t b_addr = b_rows_address(shared_address(v.k), ld, lane);
+    float acc[n_tiles][4] = {};  // rows row + lane / 4 (acc[n][0, 1]) and + 8 (acc[n][2, 3])
+    if (terms == 3) {
+      mma_tiles<3, n_tiles>(a_addr, b_addr, term_bytes, ld, dp, acc);
+    } else {
+      mma_tiles<1, n_tiles>(a_addr, b_addr, term_bytes, ld, dp, acc);
+    }
+    __syncthreads();  // every warp is done with the key tile
+#pragma unroll
+    for (int32_t n = 0; n < n_tiles; ++n) {
+      float* out = v.logits + (row + lane / 4) * logit_pitch + 8 * n + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(out) = float2{__fmul_rn(acc[n][0], scale), __fmul_rn(acc[n][1], scale)};
+      *reinterpret_cast<float2*>(out + 8 * logit_pitch) = float2{__fmul_rn(acc[n][2], scale), __fmul_rn(acc[n][3], scale)};
+    }
+    __syncwarp();
+    const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
+    static_assert(32 / 8 * 4 == 16, "a warp's threads read back exactly its 16 rows");
+#pragma unroll
+    for (int32_t i = 0; i < 4; ++i) {
+      const float* r = v.logits + (4 * pg + i) * logit_pitch + 8 * kg;
+      const float4 x0 = *reinterpret_cast<const float4*>(r);
+      const float4 x1 = *reinterpret_cast<const float4*>(r + 4);
+      const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+      for (int32_t j = 0; j < 8; ++j) x[i][j] = xs[j];
+    }
+#else
+    __trap();  // window_scores refuses tensor_cores below sm_80 before launching
+#endif
+  }
+};
+
+//! Pass 1 with tensor cores (bf16 K), with FlashAttention-2's division of the work. The pair
 //! block (`block_pairs`, 128 or 64 pairs) is staged once as three bf16 matrices [pair][pitch]
-//! (hi, mid, lo: hi + mid + lo == the fp32 query, zero-padded to a multiple of 16 along d).
-//! Key tiles of `TileKeys` keys [key][pitch] arrive by cp.async in a ring of `stages` buffers,
-//! so one CTA barrier a tile suffices and the next tiles load while this one is multiplied.
-//! Each warp keeps its m16n8k16 results in registers (no logit tile in shared memory):
-//! - pass 1 (stats), warp w: pair rows [16 w, 16 w + 16) x the tile's keys; a row's running
-//!   max and denominator live in the four lanes (a quad) that hold the row;
-//! - pass 2 (probs), warp w: keys [16 w, 16 w + 16) x every pair of the block, the same
-//!   products transposed (each logit may round differently from pass 1's), so a key's
-//!   probabilities over a query head's rows lie in one warp: summed in registers, then over
-//!   the quad, in a fixed order.
-//! Both sums are in another order than the CPU's (as the logits' are); the parity tests
-//! compare kept sets and test_window_math the scores' distance from the exact path's.
-//! The host picks the widest shape whose shared memory the device offers (mma_shape_for).
-//! Pass 1 here, launched with 2 x block_pairs threads (16 pair rows a warp).
+//! (stage_query_terms). Key tiles of `TileKeys` keys [key][pitch] arrive by cp.async in a
+//! ring of `stages` buffers, so one CTA barrier a tile suffices and the next tiles load while
+//! this one is multiplied. Warp w keeps its m16n8k16 results, pair rows [16 w, 16 w + 16) x
+//! the tile's keys, in registers (no logit tile in shared memory); a row's running max and
+//! denominator live in the four lanes (a quad) that hold the row. The denominators sum in
+//! another order than the CPU's (as the logits do); the parity tests compare kept sets and
+//! test_window_math the scores' distance from the exact path's. The host picks the widest
+//! shape whose shared memory the device offers (mma_shape_for). Launched with 2 x block_pairs
+//! threads (16 pair rows a warp).
 template <kv_element T, int32_t TileKeys>
 __global__ void __launch_bounds__(mma_window::max_threads, 1)
     window_stats_mma_kernel(const __grid_constant__ window_params<T> p, int32_t block_pairs, int32_t stages) {
@@ -679,7 +813,7 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
   for (int32_t first = 0; first < l.pairs; first += s.pairs) {
     const int32_t count = min(s.pairs, l.pairs - first);
     __syncthreads();  // the previous block is done with the pair block and the ring
-    const int32_t terms = stage_mma_pairs(p, wh, first, count, s);
+    const int32_t terms = stage_query_terms(p, wh, first, count, s.pairs, s.term(0), s.qpos());
     const bool live = 16 * warp < count;  // warp-uniform: rows past the count are zero
     const int32_t qpos[2] = {s.qpos()[row0], s.qpos()[row0 + 8]};
     float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};  // sum: this lane's keys only
@@ -689,9 +823,9 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
       float acc[n_tiles][4] = {};
       const uint32_t b_addr = b_rows_address(s.tile_address(stage), ld, lane);
       if (terms == 3) {
-        mma_tiles<3, n_tiles, false, true>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
+        mma_tiles<3, n_tiles>(a_addr, b_addr, term_bytes, ld, dp, acc);
       } else {
-        mma_tiles<1, n_tiles, false, true>(a_addr, b_addr, term_bytes, ld, dp, n_tiles, acc);
+        mma_tiles<1, n_tiles>(a_addr, b_addr, term_bytes, ld, dp, acc);
       }
       int2 kpos[n_tiles];
 #pragma unroll
@@ -744,133 +878,6 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
 #endif
 }
 
-//! Pass 2 (tensor cores): probabilities (or their squares) summed per (query head, key) over
-//! the rows into agg [heads][per_row][stride]. Launched with 2 x TileKeys threads (16 keys a
-//! warp).
-template <kv_element T, int32_t TileKeys>
-__global__ void __launch_bounds__(mma_window::max_threads, 1)
-    window_probs_mma_kernel(const __grid_constant__ window_params<T> p, int32_t block_pairs, int32_t stages) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) char window_shared[];
-  constexpr int32_t n_tiles = mma_window::max_pairs / 8;  // a C fragment: pairs 8 n + 2 (lane % 4) + {0, 1}
-  const auto& a = p.args;
-  const window_layout& l = p.layout;
-  const mma_smem s{window_shared, a.pool.head_dim, block_pairs, TileKeys, stages};
-  const int32_t ld = mma_window::pitch(s.d), dp = mma_window::padded(s.d);
-  const window_head<T> wh = window_head_of(p);
-  const int32_t warp = static_cast<int32_t>(threadIdx.x) / 32, lane = static_cast<int32_t>(threadIdx.x) % 32;
-  const int32_t quad = lane % 4, key0 = 16 * warp + lane / 4;  // this lane's keys: key0 and key0 + 8
-  const auto term_bytes = static_cast<uint32_t>(mma_window::term_bytes(s.d, s.pairs));
-  const bool squared = a.metric.squared;
-  const int32_t w = a.window;
-  for (int32_t first = 0; first < l.pairs; first += s.pairs) {
-    const int32_t count = min(s.pairs, l.pairs - first);
-    __syncthreads();  // the previous block is done with the pair block, its stats and the ring
-    const int32_t terms = stage_mma_pairs(p, wh, first, count, s);
-    // Per pair, what each probability needs: its row's max and 1 / denominator, and in place of
-    // its position the last key position that counts (query position - buffer). A row that no
-    // key counts for (past the count, no causal key, or a limit below every int32 position)
-    // gets max +inf and 0, whose exp2 and product are the 0 the masked keys get.
-    for (int32_t q = threadIdx.x; q < s.pairs; q += blockDim.x) {  // the thread that staged position q
-      const int64_t at = (wh.index * l.pairs + first + q) * 2;
-      const int64_t limit = static_cast<int64_t>(s.qpos()[q]) - a.metric.buffer;
-      const float m = q < count ? p.stats[at] : -INFINITY;
-      const bool none = m == -INFINITY || limit < INT32_MIN;
-      s.stats()[q] = none ? float2{INFINITY, 0.f} : float2{m, 1.f / p.stats[at + 1]};
-      s.qpos()[q] = none ? INT32_MIN : static_cast<int32_t>(limit);
-    }
-    __syncthreads();
-    const int32_t live_tiles = (count + 7) / 8;
-    const uint32_t b_addr = b_rows_address(shared_address(s.term(0)), ld, lane);
-    // Query heads whose rows this block holds: [g_first, g_last].
-    const int32_t g_first = first / w, g_last = (first + count - 1) / w;
-    for_each_mma_tile(a.pool, wh.head, wh.begin, wh.end, s, [&](int32_t stage, int32_t base, int32_t keys) {
-      if (16 * warp >= keys) return;  // warp-uniform: the tile's last keys
-      float acc[n_tiles][4] = {};     // rows: keys key0 (acc[n][0, 1]) and key0 + 8 (acc[n][2, 3])
-      const uint32_t a_addr = a_rows_address(s.tile_address(stage), 16 * warp, ld, lane);
-      if (live_tiles == n_tiles) {  // a full block: no per-tile tests
-        if (terms == 3) {
-          mma_tiles<3, n_tiles, true, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
-        } else {
-          mma_tiles<1, n_tiles, true, true>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
-        }
-      } else if (terms == 3) {
-        mma_tiles<3, n_tiles, true, false>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
-      } else {
-        mma_tiles<1, n_tiles, true, false>(a_addr, b_addr, term_bytes, ld, dp, live_tiles, acc);
-      }
-      const int32_t kpos[2] = {s.kpos(stage)[key0], s.kpos(stage)[key0 + 8]};
-#pragma unroll
-      for (int32_t n = 0; n < n_tiles; ++n) {
-        if (n >= live_tiles) break;  // no pairs there (nor stats: a 64-pair block holds 64)
-        const int32_t pair = 8 * n + 2 * quad;
-        const float4 st = *reinterpret_cast<const float4*>(s.stats() + pair);  // pair, pair + 1: {m, 1 / s}
-        const int2 lim = *reinterpret_cast<const int2*>(s.qpos() + pair);     // their key-position limits
-        const float pm[2] = {st.x, st.z}, pinv[2] = {st.y, st.w};
-        const int32_t limit[2] = {lim.x, lim.y};
-#pragma unroll
-        for (int32_t e = 0; e < 4; ++e) {
-          const int32_t j = e % 2;  // the pair; e / 2 the key
-          float v = 0.f;
-          if (kpos[e / 2] <= limit[j]) {
-            v = exp2f(__fmul_rn(acc[n][e], p.logit_scale) - pm[j]) * pinv[j];  // the logit rounded, as in pass 1
-            if (squared) v *= v;
-          }
-          acc[n][e] = v;
-        }
-      }
-      // Per query head: the sums of this lane's pairs of its rows (s0, s1: keys key0, key0 + 8),
-      // then the quad's, stored (or added to an earlier block's).
-      const auto store = [&](int32_t g, float s0, float s1) {
-        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-        if (quad != 0) return;
-        float* out = p.agg + (wh.index * l.per_row + g) * a.stride + base;
-        const bool earlier = first > g * w;  // rows of g in an earlier block
-        if (key0 < keys) out[key0] = earlier ? out[key0] + s0 : s0;
-        if (key0 + 8 < keys) out[key0 + 8] = earlier ? out[key0 + 8] + s1 : s1;
-      };
-      if (w % 8 == 0) {
-        // The usual case: every 8-pair tile lies in one query head (blocks start at multiples
-        // of 8), so one walk over the tiles sums each head's and stores it at its last tile.
-        int32_t g = g_first, head_end = min((g + 1) * w, first + count) - first;
-        float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-        for (int32_t n = 0; n < n_tiles; ++n) {
-          if (n >= live_tiles) break;
-          s0 += acc[n][0] + acc[n][1];
-          s1 += acc[n][2] + acc[n][3];
-          if (8 * n + 8 == head_end) {
-            store(g, s0, s1);
-            s0 = s1 = 0.f;
-            ++g;
-            head_end = min(head_end + w, count);
-          }
-        }
-        return;
-      }
-      for (int32_t g = g_first; g <= g_last; ++g) {  // tiles may straddle two heads: test each pair
-        const int32_t lo = max(g * w, first) - first, hi = min((g + 1) * w, first + count) - first;
-        float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-        for (int32_t n = 0; n < n_tiles; ++n) {
-          if (8 * n + 8 <= lo || 8 * n >= hi) continue;
-          const int32_t pair = 8 * n + 2 * quad;
-          const bool in0 = pair >= lo && pair < hi, in1 = pair + 1 >= lo && pair + 1 < hi;
-          s0 += (in0 ? acc[n][0] : 0.f) + (in1 ? acc[n][1] : 0.f);
-          s1 += (in0 ? acc[n][2] : 0.f) + (in1 ? acc[n][3] : 0.f);
-        }
-        store(g, s0, s1);
-      }
-    });
-  }
-#else
-  __trap();  // window_scores refuses tensor_cores below sm_80 before launching
-#endif
-}
-
 //! Pass 1 (exact): per pair, the running max and denominator over this split's causal keys.
 template <kv_element T>
 __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(const __grid_constant__ window_params<T> p) {
@@ -888,7 +895,7 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) m[i] = -INFINITY, s[i] = 0.f;
     __syncthreads();
-    exact_logits::stage_pairs(p, wh, first, count, sm);
+    const int32_t terms = exact_logits::stage_pairs(p, wh, first, count, sm);
     exact_logits::key_tile<T> keys;
     if (begin < end) keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
     for (int32_t base = begin; base < end; base += window_keys) {
@@ -898,7 +905,7 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(
       if (base + window_keys < end)
         keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      exact_logits::tile(sm, d, p.logit_scale, x);
+      exact_logits::tile(sm, d, p.logit_scale, terms, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
@@ -962,21 +969,22 @@ __global__ void window_merge_kernel(const __grid_constant__ window_params<T> p) 
   }
 }
 
-//! Pass 2 (exact): probabilities (or their squares) summed per (query head, key) over the
-//! rows, ascending (the CPU's order), into agg [heads][per_row][stride].
-template <kv_element T>
-__global__ void __launch_bounds__(exact_logits::threads, 1) window_probs_kernel(const __grid_constant__ window_params<T> p) {
+//! Pass 2: probabilities (or their squares) summed per (query head, key) over the rows,
+//! ascending (the CPU's order), into agg [heads][per_row][stride], with the logits of
+//! `Logits` (exact_logits, tensor_core_logits).
+template <kv_element T, class Logits>
+__global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_probs_kernel(const __grid_constant__ window_params<T> p) {
   extern __shared__ __align__(128) char window_shared[];
   const auto& a = p.args;
   const window_layout& l = p.layout;
   const int32_t d = a.pool.head_dim;
   const window_head<T> wh = window_head_of(p);
-  const window_smem_view sm = exact_logits::view(window_shared, d);
+  const window_smem_view sm = Logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
   const int32_t begin = wh.begin, end = wh.end;
   const bool squared = a.metric.squared;
-  for (int32_t first = 0; first < l.pairs; first += exact_logits::pairs) {
-    const int32_t count = min(exact_logits::pairs, l.pairs - first);
+  for (int32_t first = 0; first < l.pairs; first += Logits::pairs) {
+    const int32_t count = min(Logits::pairs, l.pairs - first);
     float m[4], inv_s[4];  // a row's max and 1 / its denominator (>= 1 where m is finite)
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) {
@@ -987,8 +995,8 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_probs_kernel(
     // Query heads whose rows this block holds: [g_first, g_last].
     const int32_t g_first = first / a.window, g_last = (first + count - 1) / a.window;
     __syncthreads();
-    exact_logits::stage_pairs(p, wh, first, count, sm);
-    exact_logits::key_tile<T> tile_keys;
+    const int32_t terms = Logits::stage_pairs(p, wh, first, count, sm);
+    typename Logits::template key_tile<T> tile_keys;
     if (begin < end) tile_keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
     for (int32_t base = begin; base < end; base += window_keys) {
       const int32_t keys = min(window_keys, end - base);
@@ -998,7 +1006,7 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_probs_kernel(
       if (base + window_keys < end)
         tile_keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
       float x[4][8];
-      exact_logits::tile(sm, d, p.logit_scale, x);
+      Logits::tile(sm, d, p.logit_scale, terms, x);
       int32_t kpos[8];
 #pragma unroll
       for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
@@ -1049,27 +1057,30 @@ template <kv_element T>
 [[nodiscard]] status launch_exact_passes(const window_params<T>& p, cudaStream_t stream) {
   const size_t smem = exact_logits::smem_bytes(p.args.pool.head_dim);
   if (const status s = allow_smem(window_stats_kernel<T>, smem); s != status::success) return s;
-  if (const status s = allow_smem(window_probs_kernel<T>, smem); s != status::success) return s;
+  if (const status s = allow_smem(window_probs_kernel<T, exact_logits>, smem); s != status::success) return s;
   const dim3 grid = window_grid(p.layout, p.args.pool.heads, p.args.batch * p.args.layer_count);
   window_stats_kernel<T><<<grid, exact_logits::threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   if (const status s = launch_window_merge(p, stream); s != status::success) return s;
-  window_probs_kernel<T><<<grid, exact_logits::threads, smem, stream>>>(p);
+  window_probs_kernel<T, exact_logits><<<grid, exact_logits::threads, smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
 }
 
-//! window_math::tensor_cores in `shape` (mma_shape_for): the two passes and the merge.
+//! window_math::tensor_cores: pass 1 in `shape` (mma_shape_for), the merge, pass 2 with
+//! tensor_core_logits (whose shared memory is below every shape's: test_window_mma_layout).
 template <kv_element T, int32_t TileKeys>
 [[nodiscard]] status launch_mma_passes(const window_params<T>& p, const mma_shape& shape, cudaStream_t stream) {
   const auto smem = static_cast<size_t>(shape.smem_bytes(p.args.pool.head_dim));
+  const size_t probs_smem = tensor_core_logits::smem_bytes(p.args.pool.head_dim);
   if (const status s = allow_smem(window_stats_mma_kernel<T, TileKeys>, smem); s != status::success) return s;
-  if (const status s = allow_smem(window_probs_mma_kernel<T, TileKeys>, smem); s != status::success) return s;
+  if (const status s = allow_smem(window_probs_kernel<T, tensor_core_logits>, probs_smem); s != status::success)
+    return s;
   const dim3 grid = window_grid(p.layout, p.args.pool.heads, p.args.batch * p.args.layer_count);
   window_stats_mma_kernel<T, TileKeys><<<grid, 2 * shape.pairs, smem, stream>>>(p, shape.pairs, shape.stages);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   if (const status s = launch_window_merge(p, stream); s != status::success) return s;
-  window_probs_mma_kernel<T, TileKeys><<<grid, 2 * TileKeys, smem, stream>>>(p, shape.pairs, shape.stages);
+  window_probs_kernel<T, tensor_core_logits><<<grid, tensor_core_logits::threads, probs_smem, stream>>>(p);
   KVTRIM_CUDA_TRY(cudaGetLastError());
   return status::success;
 }
