@@ -470,3 +470,25 @@ TEST_CASE("a batch that names every row once is accepted, and a repeat anywhere 
   CHECK(t.truncate(seqs, kept) == status::success);
   CHECK(t.length(seqs.back(), 0, 0) == 1);
 }
+
+TEST_CASE("batch marks find every repeat and no false one across epoch wraps", "[cpu][cache]") {
+  // block_tables' uint32_t epoch wraps after 2^32 batches; an 8-bit one runs the same code
+  // through the wrap every 255 batches (epochs 1 to 255: 0 is what unnamed rows hold). Row 0
+  // is named every 255th batch only, so each time it comes back its mark holds the epoch
+  // current again: without the clear at the wrap it would look named already.
+  constexpr int32_t rows = 5;
+  constexpr int32_t period = 255;
+  batch_marks<uint8_t> marks(rows);
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> pick(1, rows - 1), size(0, 2 * rows);
+  for (int32_t batch = 0; batch < 4 * period + 3; ++batch) {
+    CAPTURE(batch);
+    marks.begin_batch();
+    if (batch % period == 0) REQUIRE(marks.first_visit(0));
+    std::set<int32_t> named{batch % period == 0 ? 0 : -1};
+    for (int32_t i = size(rng); i > 0; --i) {
+      const int32_t row = pick(rng);
+      REQUIRE(marks.first_visit(row) == named.insert(row).second);
+    }
+  }
+}

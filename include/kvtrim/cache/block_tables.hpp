@@ -62,6 +62,34 @@ struct compaction_steps {
   std::vector<slot_move> head_moves;  //!< scratch: one head's moves in logical slots
 };
 
+//! Finds a row named twice in a batch in O(1) a row: each row keeps the epoch of the last batch
+//! that named it, so a new batch clears nothing. After 2^bits(Epoch) batches the epoch wraps;
+//! then every mark is cleared once, so no mark that old looks current.
+template <std::unsigned_integral Epoch>
+class batch_marks {
+ public:
+  batch_marks() = default;
+  explicit batch_marks(int32_t rows) : marks_(static_cast<size_t>(rows), Epoch{0}) {}
+
+  void begin_batch() noexcept {
+    if (++epoch_ == 0) {
+      std::fill(marks_.begin(), marks_.end(), Epoch{0});
+      epoch_ = 1;
+    }
+  }
+  //! False if `row` (in [0, rows)) was already named since begin_batch().
+  [[nodiscard]] bool first_visit(int32_t row) noexcept {
+    Epoch& mark = marks_[static_cast<size_t>(row)];
+    if (mark == epoch_) return false;
+    mark = epoch_;
+    return true;
+  }
+
+ private:
+  std::vector<Epoch> marks_;  // [rows] the epoch of the last batch that named each row
+  Epoch epoch_ = 0;
+};
+
 class block_tables {
  public:
   block_tables() = default;
@@ -78,7 +106,7 @@ class block_tables {
     t.pool_ = block_pool(config.num_blocks);
     t.ids_.assign(static_cast<size_t>(config.max_sequences), no_sequence);
     t.index_.assign(std::bit_ceil(2 * static_cast<size_t>(config.max_sequences)), -1);
-    t.row_epochs_.assign(static_cast<size_t>(config.max_sequences), 0);
+    t.batch_rows_ = batch_marks<uint32_t>(config.max_sequences);
     const size_t heads = static_cast<size_t>(config.max_sequences) * static_cast<size_t>(config.heads_per_sequence());
     t.lengths_.assign(heads, 0);
     t.tables_.assign(heads * static_cast<size_t>(config.max_blocks_per_head()), no_block);
@@ -202,11 +230,11 @@ class block_tables {
   template <status_step Write>
   [[nodiscard]] status append(std::span<const int64_t> seqs, int32_t first, int32_t layers, int32_t tokens,
                               std::span<int64_t> slots, Write&& write) {
-    begin_batch();
+    batch_rows_.begin_batch();
     for (const int64_t seq : seqs) {
       const int32_t row = sequence_slot(seq);
       if (row < 0) return status::unknown_sequence;
-      if (!first_visit(row)) return status::invalid_argument;
+      if (!batch_rows_.first_visit(row)) return status::invalid_argument;
     }
     const int32_t heads = config_.shape.kv_heads;
     if (first < 0 || layers < 1 || layers > config_.shape.layers - first || tokens < 1) return status::invalid_argument;
@@ -331,11 +359,11 @@ class block_tables {
     const size_t per_sequence = static_cast<size_t>(layers) * static_cast<size_t>(heads);
     if (lengths.size() != seqs.size() * per_sequence) return status::shape_mismatch;
     size_t cleared = 0;  // heads that free blocks: one journal run each
-    begin_batch();
+    batch_rows_.begin_batch();
     for (size_t b = 0; b < seqs.size(); ++b) {
       const int32_t row = sequence_slot(seqs[b]);
       if (row < 0) return status::unknown_sequence;
-      if (!first_visit(row)) return status::invalid_argument;
+      if (!batch_rows_.first_visit(row)) return status::invalid_argument;
       const std::span<const int32_t> current(lengths_.data() + head_index(row, 0, 0), per_sequence);
       for (size_t i = 0; i < per_sequence; ++i) {
         const int32_t n = lengths[b * per_sequence + i];
@@ -435,21 +463,6 @@ class block_tables {
     }
     index_[gap] = -1;
   }
-  //! A batch's ids are checked in order for repeats by marking their rows with the batch's
-  //! epoch: O(1) an id, where a batch may hold every row.
-  void begin_batch() noexcept {
-    if (++batch_epoch_ == 0) {  // wrapped: no row may keep an old mark that now looks current
-      std::fill(row_epochs_.begin(), row_epochs_.end(), 0u);
-      batch_epoch_ = 1;
-    }
-  }
-  //! False if `row` was already visited since begin_batch().
-  [[nodiscard]] bool first_visit(int32_t row) noexcept {
-    uint32_t& epoch = row_epochs_[static_cast<size_t>(row)];
-    if (epoch == batch_epoch_) return false;
-    epoch = batch_epoch_;
-    return true;
-  }
 
   //! Cuts head (row, l, h) to `length` tokens and returns its emptied trailing blocks.
   [[nodiscard]] status shrink(int32_t row, int32_t l, int32_t h, int32_t length) {
@@ -478,8 +491,7 @@ class block_tables {
   block_pool pool_;
   std::vector<int64_t> ids_;      // [max_sequences] sequence id of each row, no_sequence if free
   std::vector<int32_t> index_;    // id -> row: open addressing, >= 2 max_sequences entries (row or -1)
-  std::vector<uint32_t> row_epochs_;  // [max_sequences] the last batch that named each row
-  uint32_t batch_epoch_ = 0;
+  batch_marks<uint32_t> batch_rows_;  // a batch's ids are checked in order for repeats
   std::vector<int32_t> lengths_;  // [max_sequences][L][H] tokens
   std::vector<int32_t> tables_;   // [max_sequences][L][H][max_blocks_per_head] block ids, no_block past the end
   // The journal since the last clear_journal().
