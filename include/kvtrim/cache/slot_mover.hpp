@@ -45,8 +45,16 @@ struct head_slots {
   int32_t length = 0;               //!< tokens
   int32_t block_size = 1;
 
-  [[nodiscard]] int64_t physical(int32_t j) const noexcept {
-    return static_cast<int64_t>(blocks[static_cast<size_t>(j / block_size)]) * block_size + j % block_size;
+  //! Calls f(j, physical slot) for the slots j = 0 .. length - 1 in order, a block at a time
+  //! (no division per slot).
+  template <std::invocable<int32_t, int64_t> F>
+  void for_each(F&& f) const {
+    int32_t j = 0;
+    for (const int32_t block : blocks) {
+      if (j >= length) break;
+      const int64_t base = static_cast<int64_t>(block) * block_size;
+      for (int32_t o = 0; o < block_size && j < length; ++o, ++j) f(j, base + o);
+    }
   }
 };
 
@@ -198,26 +206,26 @@ struct host_mover {
   template <kv_element T>
   [[nodiscard]] status read_head(const head_read_params<T>& p) const noexcept {
     const auto d = static_cast<size_t>(p.head_dim);
-    for (int32_t j = 0; j < p.head.length; ++j) {
-      const auto slot = static_cast<size_t>(p.head.physical(j));
+    p.head.for_each([&](int32_t j, int64_t physical) {
+      const auto slot = static_cast<size_t>(physical);
       const auto row = static_cast<size_t>(j);
       if (!p.positions.empty()) p.positions[row] = p.pool.positions[slot];
       if (!p.metrics.empty()) p.metrics[row] = p.pool.metrics[slot];
       for (size_t c = 0; c < d && !p.keys.empty(); ++c) p.keys[row * d + c] = to_float(p.pool.keys[slot * d + c]);
       for (size_t c = 0; c < d && !p.values.empty(); ++c) p.values[row * d + c] = to_float(p.pool.values[slot * d + c]);
-    }
+    });
     return status::success;
   }
 
   template <kv_element T>
   [[nodiscard]] status write_head(const head_write_params<T>& p) const noexcept {
     const auto d = static_cast<size_t>(p.head_dim);
-    for (int32_t j = 0; j < p.head.length; ++j) {
-      const auto slot = static_cast<size_t>(p.head.physical(j));
+    p.head.for_each([&](int32_t j, int64_t physical) {
+      const auto slot = static_cast<size_t>(physical);
       const auto row = static_cast<size_t>(j);
       p.pool.positions[slot] = p.positions[row];
       for (size_t c = 0; c < d; ++c) p.pool.keys[slot * d + c] = from_float<T>(p.keys[row * d + c]);
-    }
+    });
     return status::success;
   }
 };

@@ -23,16 +23,6 @@ KVTRIM_NAMESPACE_BEGIN
 namespace cpu {
 namespace detail {
 
-//! Calls f(j, physical slot) for the head's slots in slot order, one block at a time.
-template <std::invocable<int32_t, int64_t> F>
-void for_each_slot(const head_slots& head, F&& f) {
-  int32_t j = 0;
-  for (const int32_t block : head.blocks) {
-    const int64_t base = static_cast<int64_t>(block) * head.block_size;
-    for (int32_t o = 0; o < head.block_size && j < head.length; ++o, ++j) f(j, base + o);
-  }
-}
-
 //! attend_head over the slots of `head` in pool arrays keys, values [slots][d] and metrics
 //! [slots]: the G query heads `q` [G][d] -> `out` [G][d]; with `acc` != none, each slot's
 //! metric += the group reduction of p or p^2. `scratch` holds [G][n] probabilities.
@@ -49,7 +39,7 @@ void attend_slots(std::span<const float> q, int32_t group, int32_t head_dim, con
     const float* qg = q.data() + static_cast<size_t>(g) * d;
     float* p = scratch.data() + static_cast<size_t>(g) * n;
     float max_logit = -std::numeric_limits<float>::infinity();
-    for_each_slot(head, [&](int32_t j, int64_t slot) {
+    head.for_each([&](int32_t j, int64_t slot) {
       const T* k = keys + static_cast<size_t>(slot) * d;
       float dot = 0.f;
       for (size_t c = 0; c < d; ++c) dot += qg[c] * to_float(k[c]);
@@ -63,14 +53,14 @@ void attend_slots(std::span<const float> q, int32_t group, int32_t head_dim, con
     }
     float* o = out.data() + static_cast<size_t>(g) * d;
     std::fill(o, o + d, 0.f);
-    for_each_slot(head, [&](int32_t j, int64_t slot) {
+    head.for_each([&](int32_t j, int64_t slot) {
       p[j] /= denom;
       const T* v = values + static_cast<size_t>(slot) * d;
       for (size_t c = 0; c < d; ++c) o[c] += p[j] * to_float(v[c]);
     });
   }
   if (acc == decode_accumulation::none) return;
-  for_each_slot(head, [&](int32_t j, int64_t slot) {
+  head.for_each([&](int32_t j, int64_t slot) {
     float v = 0.f;
     for (int32_t g = 0; g < group; ++g) {
       float x = scratch[static_cast<size_t>(g) * n + static_cast<size_t>(j)];

@@ -200,14 +200,19 @@ struct cuda_mover {
   [[nodiscard]] status upload_slots(const head_slots& head, int64_t* dst) const {
     constexpr int32_t chunk = 1024;
     int64_t buffer[chunk];
-    for (int32_t base = 0; base < head.length; base += chunk) {
-      const int32_t count = head.length - base < chunk ? head.length - base : chunk;
-      for (int32_t j = 0; j < count; ++j) buffer[j] = head.physical(base + j);
-      // Pageable source: the runtime has copied `buffer` when the call returns.
-      KVTRIM_CUDA_TRY(cudaMemcpyAsync(dst + base, buffer, static_cast<size_t>(count) * sizeof(int64_t),
-                                      cudaMemcpyHostToDevice, stream));
-    }
-    return status::success;
+    int32_t held = 0;
+    status s = status::success;
+    // upload() copies from pageable memory: `buffer` may be refilled as soon as it returns.
+    const auto send = [&](int32_t last) {  // buffer holds slots (last - held, last]
+      if (s == status::success) s = upload(dst + (last + 1 - held), buffer, static_cast<size_t>(held) * sizeof(int64_t));
+      held = 0;
+    };
+    head.for_each([&](int32_t j, int64_t slot) {
+      buffer[held++] = slot;
+      if (held == chunk) send(j);
+    });
+    if (held > 0) send(head.length - 1);
+    return s;
   }
 };
 static_assert(slot_mover<cuda_mover, float> && slot_mover<cuda_mover, float16> && slot_mover<cuda_mover, bfloat16>);
