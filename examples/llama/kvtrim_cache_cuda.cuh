@@ -2,9 +2,10 @@
 //! \file kvtrim_cache_cuda.cuh
 //! kvtrim_cache.hpp with the store on the GPU, as an engine integrates kvtrim's CUDA backend:
 //! K/V live in a `kvtrim::device_paged_cache<float>` over device buffers the example allocates
-//! (the library allocates nothing), whose data steps run on the CUDA mover; decode attention
-//! (accumulating the slot metrics H2O and KV-Compress rank by, as the CPU path does) and
-//! compression with the recent queries run on kvtrim's CUDA backend. Everything goes on one
+//! (the library allocates nothing), whose data steps run on the CUDA mover, and one
+//! `kvtrim::cuda::compression_session` runs kvtrim's loop on the device as the host cache's
+//! session does on the CPU: append, decode attention (accumulating the slot metrics H2O and
+//! KV-Compress rank by) and compression with the recent queries. Everything goes on one
 //! stream per cache; the workspaces are sized by the library and allocated once.
 //!
 //! The rest of the forward pass stays on the CPU: each step copies its keys, values and queries
@@ -14,7 +15,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -113,15 +113,16 @@ struct store_traits<cuda_paged_cache> : paged_store_reads<cuda_paged_cache> {
   }
 };
 
-//! The cache over the device store: kvtrim's CUDA backend, driven directly (the compression
-//! session runs the CPU backend only).
+//! The cache over the device store: kvtrim's CUDA backend, through one device compression
+//! session.
 template <kvtrim::compression_policy Policy>
 class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_paged_cache> {
+  using session_type = kvtrim::cuda::compression_session<Policy, float, kvtrim::dynamic_head_dim>;
+
  public:
   //! As the host cache's: `capacity` tokens per head, `observed` queries per layer observed.
   kvtrim_cache(const config& c, Policy policy, int capacity, int observed)
       : kvtrim_cache_base(c, capacity, observed),
-        policy_(std::move(policy)),
         k_(kv_width() * sizeof(float)),
         v_(kv_width() * sizeof(float)),
         q_(q_width() * sizeof(float)),
@@ -129,13 +130,15 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
         obs_queries_(static_cast<std::size_t>(shape_.layers) * static_cast<std::size_t>(observed) * q_width() *
                      sizeof(float)),
         obs_positions_(static_cast<std::size_t>(observed) * sizeof(int32_t)),
-        decode_workspace_(
-            std::max(decode_bytes(kvtrim::decode_accumulation::none), decode_bytes(policy_.metric.decode()))),
-        compress_workspace_(compress_bytes()) {
-    // Every policy of the demo runs on the device (an engine's own allocator would be planned
-    // with cpu::plan over this cache and applied with store_.apply: docs/cuda.md).
-    check_device(kvtrim::cuda::supports<float>(policy_, shape_), "kvtrim::cuda::supports");
-    check_device(store_.add_sequence(seq), "kvtrim::device_paged_cache::add_sequence");
+        prompt_workspace_(kvtrim::cuda::decode_workspace_size(store_, 1, shape_.q_heads, kvtrim::decode_accumulation::none)),
+        session_workspace_(session_type::workspace_size(policy, store_, shape_, 1, observed)) {
+    // Every policy of the demo runs on the device: create checks it (cuda::supports) first. An
+    // engine's own allocator would be planned with cpu::plan over this cache and applied with
+    // store_.apply (docs/cuda.md).
+    check_device(session_type::create(store_, shape_, std::move(policy), 1, observed, session_workspace_.as<void>(),
+                                      session_workspace_.bytes(), stream(), session_),
+                 "kvtrim::cuda::compression_session::create");
+    check_device(session_.add_sequence(seq), "kvtrim::cuda::compression_session::add_sequence");
   }
 
   // ---- the kv_cache contract (forward.hpp)
@@ -143,21 +146,25 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
     upload(k_, k.data(), k.size_bytes(), "keys");
     upload(v_, v.data(), v.size_bytes(), "values");
     const int32_t position = pos;
-    check_device(store_.append_layer(seq, layer, std::span<const int32_t>(&position, 1), device_span(k_, k.size()),
-                                     device_span(v_, v.size())),
+    check_device(session_.append(seq, layer, std::span<const int32_t>(&position, 1), device_span(k_, k.size()),
+                                 device_span(v_, v.size())),
                  "kvtrim append at position " + std::to_string(pos));
     appended(layer, pos);
   }
-  //! Decode attention on the device; with accumulation on, it adds the policy's metric (H2O p,
-  //! KV-Compress p^2, group-reduced as the session reduces it) to the slot metrics. Off, it is
-  //! the prompt attention that records nothing.
+  //! Decode attention on the device; with accumulation on, the session adds the policy's metric
+  //! (H2O p, KV-Compress p^2, group-reduced) to the slot metrics. Off, it is the prompt
+  //! attention that records nothing, as an engine's prefill kernel would.
   void attend(int layer, std::span<const float> q, std::span<float> out) {
     upload(q_, q.data(), q.size_bytes(), "queries");
-    const kvtrim::decode_accumulation acc = accumulate_ ? policy_.metric.decode() : kvtrim::decode_accumulation::none;
-    check_device(kvtrim::cuda::decode_attention(store_, seqs(), layer, shape_.q_heads, q_.as<float>(), out_.as<float>(),
-                                                acc, kvtrim::decode_reduce(policy_.metric), decode_workspace_.as<void>(),
-                                                decode_workspace_.bytes(), stream()),
-                 accumulate_ ? "kvtrim decode attention" : "kvtrim prompt attention");
+    if (accumulate_) {
+      check_device(session_.attend(seqs(), layer, q_.as<float>(), out_.as<float>()), "kvtrim decode attention");
+    } else {
+      check_device(kvtrim::cuda::decode_attention(store_, seqs(), layer, shape_.q_heads, q_.as<float>(),
+                                                  out_.as<float>(), kvtrim::decode_accumulation::none,
+                                                  kvtrim::decode_reduce(session_.policy().metric),
+                                                  prompt_workspace_.as<void>(), prompt_workspace_.bytes(), stream()),
+                   "kvtrim prompt attention");
+    }
     check_cuda(cudaMemcpyAsync(out.data(), out_.as<float>(), out.size_bytes(), cudaMemcpyDeviceToHost, stream()),
                "copy of the attention output to the host");
     check_cuda(cudaStreamSynchronize(stream()), "cudaStreamSynchronize after decode attention");
@@ -171,15 +178,13 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
     upload(obs_positions_, obs.positions.data(), obs.positions.size_bytes(), "observation positions");
     const kvtrim::cuda::device_observation device_obs{obs_queries_.as<float>(), obs_positions_.as<int32_t>(),
                                                       obs.rows()};
-    check_device(kvtrim::cuda::compress(policy_, store_, seqs(), shape_, device_obs, compress_workspace_.as<void>(),
-                                        compress_workspace_.bytes(), stream()),
-                 "kvtrim compression");
+    check_device(session_.compress(seqs(), device_obs), "kvtrim compression");
   }
 
   //! Frees the sequence (its blocks return to the pool) and starts a new one at position 0.
   void clear() {
-    check_device(store_.free_sequence(seq), "kvtrim::device_paged_cache::free_sequence");
-    check_device(store_.add_sequence(seq), "kvtrim::device_paged_cache::add_sequence");
+    check_device(session_.free_sequence(seq), "kvtrim::cuda::compression_session::free_sequence");
+    check_device(session_.add_sequence(seq), "kvtrim::cuda::compression_session::add_sequence");
     restart();
   }
 
@@ -199,23 +204,13 @@ class kvtrim_cache<Policy, cuda_paged_cache> : public kvtrim_cache_base<cuda_pag
       check_cuda(cudaMemcpyAsync(dst.as<void>(), src, bytes, cudaMemcpyHostToDevice, stream()),
                  std::string("copy of the step's ") + what + " to the device");
   }
-  [[nodiscard]] std::size_t decode_bytes(kvtrim::decode_accumulation acc) const {
-    return kvtrim::cuda::decode_workspace_size(store_, 1, shape_.q_heads, acc);
-  }
-  //! The most any compression needs (0 to `observed_` window rows).
-  [[nodiscard]] std::size_t compress_bytes() const {
-    std::size_t most = 0;
-    for (int rows = 0; rows <= observed_; ++rows)
-      most = std::max(most, kvtrim::cuda::compress_workspace_size(policy_, store_, shape_, 1, rows));
-    return most;
-  }
 
-  Policy policy_;
-  device_memory k_, v_;                          // [Hkv][d] the step's key and value of one layer
-  device_memory q_, out_;                        // [Hq][d] the step's query and attention output
-  device_memory obs_queries_, obs_positions_;    // [L][observed][Hq][d], [observed]
-  device_memory decode_workspace_;
-  device_memory compress_workspace_;
+  device_memory k_, v_;                        // [Hkv][d] the step's key and value of one layer
+  device_memory q_, out_;                      // [Hq][d] the step's query and attention output
+  device_memory obs_queries_, obs_positions_;  // [L][observed][Hq][d], [observed]
+  device_memory prompt_workspace_;             // the prompt attention's (no accumulation)
+  device_memory session_workspace_;            // the session's: decode and compression steps
+  session_type session_;
 };
 
 }  // namespace llama
