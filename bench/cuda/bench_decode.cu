@@ -3,15 +3,19 @@
 // (bm_decode) and, at a few of those points, replayed from a CUDA graph (bm_decode_graph), as
 // the PyTorch peers are also timed. bm_decode_group varies G (query heads per KV head: 1 for MHA,
 // 8 for Llama-3-70B) at the decode target's shape: each G runs its own kernel instance, with its
-// own register use and so its own split sizing.
+// own register use and so its own split sizing. bm_decode_splits sets the keys per split CTA
+// (decode_arguments::split_tokens; 0: the library's choice) at the shapes whose copy fraction
+// trails, so one run shows how the library's split sizing compares with the alternatives on
+// the GPU at hand.
 #include "bench_support.cuh"
 
 namespace {
 using namespace kvtrim_bench;
 
 //! `graph`: time replays of the launch captured in a CUDA graph instead of eager launches.
-//! `group`: query heads per KV head (Llama-3-8B's 4 unless given).
-void run_decode(benchmark::State& state, bool graph, int32_t group = q_heads / kv_heads) {
+//! `group`: query heads per KV head (Llama-3-8B's 4 unless given). `split_tokens`: keys per
+//! split CTA (0: the library's choice).
+void run_decode(benchmark::State& state, bool graph, int32_t group = q_heads / kv_heads, int32_t split_tokens = 0) {
   if (!have_device()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -43,6 +47,7 @@ void run_decode(benchmark::State& state, bool graph, int32_t group = q_heads / k
   a.max_length = kept;
   a.q = q.as<float>();
   a.out = out.as<float>();
+  a.split_tokens = split_tokens;
   device_memory ws(kvtrim::cuda::workspace_size(a));
   cudaStream_t stream;
   cudaStreamCreate(&stream);
@@ -73,6 +78,9 @@ void run_decode(benchmark::State& state, bool graph, int32_t group = q_heads / k
 void bm_decode(benchmark::State& state) { run_decode(state, false); }
 void bm_decode_graph(benchmark::State& state) { run_decode(state, true); }
 void bm_decode_group(benchmark::State& state) { run_decode(state, false, static_cast<int32_t>(state.range(3))); }
+void bm_decode_splits(benchmark::State& state) {
+  run_decode(state, false, q_heads / kv_heads, static_cast<int32_t>(state.range(3)));
+}
 
 void decode_args(benchmark::internal::Benchmark* b) {
   for (const int64_t batch : {1, 8, 32})
@@ -97,4 +105,12 @@ BENCHMARK(bm_decode_group)
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond)
     ->ArgNames({"B", "n", "x", "G"});
+// The full caches below 0.85 of copy on the H200 (B = 8, n = 32k; B = 1, n = 128k) and the
+// 8x decode target, eager: split 0 is the library's choice.
+BENCHMARK(bm_decode_splits)
+    ->ArgsProduct({{1}, {131072}, {1}, {0, 512, 1024, 2048, 4096, 8192}})
+    ->ArgsProduct({{8}, {32768}, {1, 8}, {0, 256, 512, 1024, 2048, 4096}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond)
+    ->ArgNames({"B", "n", "x", "split"});
 BENCHMARK_MAIN();

@@ -1,5 +1,6 @@
 // The CUDA backend against the CPU backend (house style rule 10): decode attention (outputs
-// within a stated tolerance, accumulated metrics too) and whole compression steps (kept token
+// within a stated tolerance, accumulated metrics too; the library's split sizes and a
+// caller's) and whole compression steps (kept token
 // sets identical), over generated shapes: head dim 8 / 64 / 128, block size 1 / 16,
 // G = 1 / 2 / 8 (decode also 4: each compile-time G has its own kernel), fp32 and bf16 storage,
 // several seeds.
@@ -40,17 +41,18 @@ void evict_randomly(twin_caches<T>& c, int64_t seq, std::mt19937& rng) {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", float, kv::bfloat16) {
-  const int32_t d = GENERATE(8, 64, 128);
-  const int32_t bs = GENERATE(1, 16);
-  const int32_t group = GENERATE(1, 2, 4, 8);
-  if (!keep_shape(d, bs, group)) return;
-  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({1u, 2u})));
-  const auto acc = GENERATE(kv::decode_accumulation::none, kv::decode_accumulation::sum, kv::decode_accumulation::squared_sum);
-  CAPTURE(d, bs, group, seed, static_cast<int>(acc));
+namespace {
+
+//! Decode attention of two sequences with randomly evicted heads on both backends: outputs and
+//! accumulated metrics within the tolerance. `split_tokens` 0 goes through the device cache's
+//! entry point (the library sizes the splits); otherwise through the device-side one, with
+//! the caller's split size.
+template <kv::kv_element T>
+void check_decode(int32_t d, int32_t bs, int32_t group, uint32_t seed, kv::decode_accumulation acc,
+                  int32_t split_tokens = 0) {
   const kv::attention_shape shape{2, 2 * group, 2, d};
   const kv::paged_cache_config config{shape, bs, 2 * 2 * 2 * (300 / bs + 2), 2, 300};
-  twin_caches<TestType> c(config);
+  twin_caches<T> c(config);
   std::mt19937 rng(seed);
   const std::vector<int64_t> seqs{7, 9};
   for (const int64_t s : seqs) {
@@ -62,8 +64,7 @@ TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", f
   for (const int64_t s : seqs)
     for (int32_t l = 0; l < shape.layers; ++l)
       for (int32_t h = 0; h < shape.kv_heads; ++h)
-        REQUIRE(twin_caches<TestType>::kept_positions(c.host, s, l, h) ==
-                twin_caches<TestType>::kept_positions(c.device, s, l, h));
+        REQUIRE(twin_caches<T>::kept_positions(c.host, s, l, h) == twin_caches<T>::kept_positions(c.device, s, l, h));
 
   const int32_t layer = 1;
   const size_t width = static_cast<size_t>(shape.q_heads) * d;
@@ -79,9 +80,30 @@ TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", f
 
   device_memory dq(q.size() * sizeof(float)), dout(q.size() * sizeof(float));
   upload(dq, q);
-  device_memory ws(kv::cuda::decode_workspace_size(c.device, static_cast<int32_t>(seqs.size()), shape.q_heads, acc));
-  require_ok(kv::cuda::decode_attention(c.device, seqs, layer, shape.q_heads, dq.as<float>(), dout.as<float>(), acc, reduce,
-                                        ws.as<void>(), ws.bytes(), nullptr));
+  if (split_tokens == 0) {
+    device_memory ws(kv::cuda::decode_workspace_size(c.device, static_cast<int32_t>(seqs.size()), shape.q_heads, acc));
+    require_ok(kv::cuda::decode_attention(c.device, seqs, layer, shape.q_heads, dq.as<float>(), dout.as<float>(), acc,
+                                          reduce, ws.as<void>(), ws.bytes(), nullptr));
+  } else {
+    std::vector<int32_t> rows;
+    for (const int64_t s : seqs) rows.push_back(c.device.tables().sequence_slot(s));
+    device_memory drows(rows.size() * sizeof(int32_t));
+    upload(drows, rows);
+    kv::cuda::decode_arguments<T> a;
+    a.pool = kv::cuda::make_view(c.device.buffers(), c.config);
+    a.rows = drows.as<int32_t>();
+    a.batch = static_cast<int32_t>(seqs.size());
+    a.layer = layer;
+    a.q_heads = shape.q_heads;
+    a.max_length = config.max_tokens_per_head;
+    a.q = dq.as<float>();
+    a.out = dout.as<float>();
+    a.accumulate = acc;
+    a.reduce = reduce;
+    a.split_tokens = split_tokens;
+    device_memory ws(kv::cuda::workspace_size(a));
+    require_ok(kv::cuda::decode_attention(a, ws.as<void>(), nullptr));
+  }
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   const std::vector<float> got = download(dout.as<float>(), q.size());
   int bad = 0;
@@ -102,6 +124,29 @@ TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", f
       for (int32_t j = 0; j < n; ++j) mismatched += close(m2[j], m1[j]) ? 0 : 1;
       CHECK(mismatched == 0);
     }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("paged decode attention matches the CPU backend", "[cuda]", float, kv::bfloat16) {
+  const int32_t d = GENERATE(8, 64, 128);
+  const int32_t bs = GENERATE(1, 16);
+  const int32_t group = GENERATE(1, 2, 4, 8);
+  if (!keep_shape(d, bs, group)) return;
+  const uint32_t seed = GENERATE(take(quick() ? 1 : 2, values({1u, 2u})));
+  const auto acc = GENERATE(kv::decode_accumulation::none, kv::decode_accumulation::sum, kv::decode_accumulation::squared_sum);
+  CAPTURE(d, bs, group, seed, static_cast<int>(acc));
+  check_decode<TestType>(d, bs, group, seed, acc);
+}
+
+TEMPLATE_TEST_CASE("paged decode attention with the caller's split size matches the CPU backend", "[cuda]", float,
+                   kv::bfloat16) {
+  // 32-key splits (many partials to merge), one not a power of two, and one longer than any head.
+  const int32_t split = GENERATE(32, 96, 4096);
+  const int32_t d = GENERATE(8, 128);
+  const auto acc = GENERATE(kv::decode_accumulation::none, kv::decode_accumulation::sum);
+  CAPTURE(split, d, static_cast<int>(acc));
+  check_decode<TestType>(d, 16, 4, 3, acc, split);
 }
 
 namespace {

@@ -123,6 +123,15 @@ TEST_CASE("cuda bad input: decode_arguments are refused before any launch", "[cu
   SECTION("a group above eight") { a.q_heads = 18; refused(a, status::not_supported); }
   SECTION("a head dim above 256") { a.pool.head_dim = 257; refused(a, status::not_supported); }
   SECTION("max_length below one") { a.max_length = 0; refused(a, status::invalid_argument); }
+  SECTION("a split size that is negative or not a multiple of 32") {
+    for (const int32_t split : {-32, -1, 1, 33, 100}) {
+      CAPTURE(split);
+      a.split_tokens = split;
+      refused(a, status::invalid_argument);
+    }
+    a.split_tokens = 64;
+    CHECK(name(cu::can_implement(a)) == name(status::success));
+  }
   SECTION("null rows, queries or outputs") {
     a.rows = nullptr;
     refused(a, status::invalid_argument);

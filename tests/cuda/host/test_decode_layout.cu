@@ -80,3 +80,26 @@ TEST_CASE("decode splits: the measured small-cache shapes get 32 splits a head, 
   CHECK(splits(8, 4096) == 8);    // the 8x decode target shape: unchanged
   CHECK(splits(8, 32768) == 8);
 }
+
+TEST_CASE("decode splits: a caller's split size is used as given, and the workspace follows it", "[cuda]") {
+  for (const int32_t length : {1, 31, 64, 4096, 131072})
+    for (const int32_t split : {32, 96, 1024, 8192}) {
+      cu::decode_arguments<kvtrim::bfloat16> a;
+      a.pool.heads = 8;
+      a.pool.head_dim = 128;
+      a.batch = 8;
+      a.q_heads = 32;
+      a.max_length = length;
+      a.accumulate = kvtrim::decode_accumulation::sum;
+      a.split_tokens = split;
+      const size_t workspace = cu::workspace_size(a);
+      // Whatever the device holds: the split is the caller's.
+      for (const int64_t slots : {int64_t{1}, int64_t{528}, cu::default_tuning.attention.max_ctas}) {
+        CAPTURE(length, split, slots);
+        const cu::detail::decode_layout l = cu::detail::decode_layout_of(a, slots);
+        CHECK(l.split_tokens == split);
+        CHECK(l.splits == (length + split - 1) / split);
+        CHECK(carved_bytes(l) <= workspace);
+      }
+    }
+}

@@ -45,6 +45,10 @@ struct decode_arguments {
   float* out = nullptr;           //!< [batch][Hq][d] device
   decode_accumulation accumulate = decode_accumulation::none;
   gqa_reduce reduce = gqa_reduce::mean;  //!< how the group's probabilities become one metric
+  //! Keys each split CTA reads: 0 lets the library choose for the device (split_tokens_for);
+  //! otherwise a multiple of 32, the caller's own tuning (what FlashAttention's num_splits
+  //! sets). workspace_size follows it.
+  int32_t split_tokens = 0;
 };
 
 inline constexpr int32_t max_attention_head_dim = 256;
@@ -56,7 +60,7 @@ template <kv_element T>
   if (a.q_heads < a.pool.heads || a.q_heads % a.pool.heads != 0) return status::invalid_group;
   if (a.q_heads / a.pool.heads > default_tuning.attention.max_group) return status::not_supported;
   if (a.pool.head_dim > max_attention_head_dim) return status::not_supported;
-  if (a.max_length < 1) return status::invalid_argument;
+  if (a.max_length < 1 || a.split_tokens < 0 || a.split_tokens % 32 != 0) return status::invalid_argument;
   if (a.batch > 0 && (!a.rows || !a.q || !a.out)) return status::invalid_argument;
   if (a.accumulate != decode_accumulation::none && a.reduce == gqa_reduce::per_query_head) return status::not_supported;
   return status::success;
@@ -99,7 +103,7 @@ template <kv_element T>
 [[nodiscard]] decode_layout decode_layout_of(const decode_arguments<T>& a, int64_t slots) noexcept {
   decode_layout l;
   l.group = a.pool.heads > 0 ? a.q_heads / a.pool.heads : 1;
-  l.split_tokens = split_tokens_for(a, slots);
+  l.split_tokens = a.split_tokens > 0 ? a.split_tokens : split_tokens_for(a, slots);
   l.splits = static_cast<int32_t>(ceil_div(a.max_length, l.split_tokens));
   const int64_t heads = static_cast<int64_t>(a.batch) * a.pool.heads;
   l.partial_acc = heads * l.splits * l.group * a.pool.head_dim;
@@ -131,7 +135,7 @@ template <class Kernel>
 }  // namespace detail
 
 //! fp32 partial results of the splits (and, with accumulation, every key's logit). The same
-//! on every device: sized for attention_tuning::max_ctas splits.
+//! on every device: sized for attention_tuning::max_ctas splits, or for a.split_tokens.
 template <kv_element T>
 [[nodiscard]] size_t workspace_size(const decode_arguments<T>& a) noexcept {
   const detail::decode_layout l = detail::decode_layout_of(a, default_tuning.attention.max_ctas);
