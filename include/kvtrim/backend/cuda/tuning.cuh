@@ -27,8 +27,9 @@ struct attention_tuning {
 };
 
 //! Window scores (kernels/window_scores.cuh; the CTA shapes are chosen there). Measured with
-//! the exact path and the earlier tensor-core kernels (three CTAs per SM); the current ones
-//! hold one CTA per SM at head dim 128 and have not been tuned on a GPU yet.
+//! the exact path and the earlier tensor-core passes (three CTAs per SM in both); the current
+//! tensor-core pass 1 holds one CTA per SM at head dim 128 (its pass 2 three), and the split
+//! sizes have not been tuned for it on a GPU.
 struct window_tuning {
   int64_t target_ctas = 2048;    //!< split each head's keys for about this many CTAs (many
                                  //!< waves: the tail wave stays small),
