@@ -478,7 +478,7 @@ TEST_CASE("batch marks find every repeat and no false one across epoch wraps", "
   // current again: without the clear at the wrap it would look named already.
   constexpr int32_t rows = 5;
   constexpr int32_t period = 255;
-  batch_marks<uint8_t> marks(rows);
+  detail::batch_marks<uint8_t> marks(rows);
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> pick(1, rows - 1), size(0, 2 * rows);
   for (int32_t batch = 0; batch < 4 * period + 3; ++batch) {

@@ -62,9 +62,11 @@ struct compaction_steps {
   std::vector<slot_move> head_moves;  //!< scratch: one head's moves in logical slots
 };
 
-//! Finds a row named twice in a batch in O(1) a row: each row keeps the epoch of the last batch
-//! that named it, so a new batch clears nothing. After 2^bits(Epoch) batches the epoch wraps;
-//! then every mark is cleared once, so no mark that old looks current.
+namespace detail {
+
+//! block_tables' check for a row named twice in a batch, O(1) a row: each row keeps the epoch
+//! of the last batch that named it, so a new batch clears nothing. After 2^bits(Epoch) - 1
+//! batches the epoch wraps; then every mark is cleared once, so no mark that old looks current.
 template <std::unsigned_integral Epoch>
 class batch_marks {
  public:
@@ -90,6 +92,8 @@ class batch_marks {
   Epoch epoch_ = 0;
 };
 
+}  // namespace detail
+
 class block_tables {
  public:
   block_tables() = default;
@@ -106,7 +110,7 @@ class block_tables {
     t.pool_ = block_pool(config.num_blocks);
     t.ids_.assign(static_cast<size_t>(config.max_sequences), no_sequence);
     t.index_.assign(std::bit_ceil(2 * static_cast<size_t>(config.max_sequences)), -1);
-    t.batch_rows_ = batch_marks<uint32_t>(config.max_sequences);
+    t.batch_rows_ = detail::batch_marks<uint32_t>(config.max_sequences);
     const size_t heads = static_cast<size_t>(config.max_sequences) * static_cast<size_t>(config.heads_per_sequence());
     t.lengths_.assign(heads, 0);
     t.tables_.assign(heads * static_cast<size_t>(config.max_blocks_per_head()), no_block);
@@ -491,7 +495,7 @@ class block_tables {
   block_pool pool_;
   std::vector<int64_t> ids_;      // [max_sequences] sequence id of each row, no_sequence if free
   std::vector<int32_t> index_;    // id -> row: open addressing, >= 2 max_sequences entries (row or -1)
-  batch_marks<uint32_t> batch_rows_;  // a batch's ids are checked in order for repeats
+  detail::batch_marks<uint32_t> batch_rows_;  // a batch's ids are checked in order for repeats
   std::vector<int32_t> lengths_;  // [max_sequences][L][H] tokens
   std::vector<int32_t> tables_;   // [max_sequences][L][H][max_blocks_per_head] block ids, no_block past the end
   // The journal since the last clear_journal().
