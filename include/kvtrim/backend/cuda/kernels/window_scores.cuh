@@ -654,8 +654,9 @@ __device__ __forceinline__ uint32_t b_rows_address(uint32_t base, int32_t ld, in
 //! are pass 1's to the bit, into an fp32 tile over the key tile, from which each thread reads
 //! its 4 x 8 (rows of its own warp). The probability tile reuses it too. 64 pairs keep the
 //! shared memory to 70 KiB at head dim 128, so three CTAs share an SM and one CTA's MMAs
-//! overlap another's softmax and row sums: on an H200 this pass beat a register-only one in
-//! pass 1's division (1.27 against 1.75 ms at B = 8, n = 32k; docs/performance.md).
+//! overlap another's softmax and row sums: on an H200 this pass took 1.27 ms where a
+//! register-only one in pass 1's division took 1.92 (ncu, B = 8, n = 32k; reworked, it still
+//! lost: docs/performance.md).
 struct tensor_core_logits {
   static constexpr int32_t pairs = 64;
   static constexpr int32_t threads = window_threads_for(pairs);
