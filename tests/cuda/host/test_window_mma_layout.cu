@@ -34,8 +34,7 @@ TEST_CASE("tensor-core window layout: every region is 16-byte aligned and inside
       CHECK(qpos % 16 == 0);
       CHECK(kpos % 16 == 0);
       CHECK(kpos + static_cast<int64_t>(s.stages) * s.keys * 4 == s.smem_bytes(d));
-      CHECK(s.pairs <= mma::max_pairs);
-      CHECK(2 * s.pairs <= mma::max_threads);  // pass 1's threads
+      CHECK(2 * s.pairs <= mma::max_threads);  // pass 1's threads: no more than 128 pairs
       CHECK(s.stages >= 2);
       CHECK(s.stages <= 3);  // cp_async_wait takes 0 or 1 pending groups
     }

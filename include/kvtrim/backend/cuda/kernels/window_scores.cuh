@@ -95,8 +95,7 @@ namespace detail {
 //! Shared memory of the tensor-core pass 1 (window_stats_mma_kernel).
 struct mma_window {
   static constexpr int32_t max_terms = 3;
-  static constexpr int32_t max_pairs = 128;
-  static constexpr int32_t max_threads = 256;
+  static constexpr int32_t max_threads = 256;  //!< 2 x the widest pair block (16 pair rows a warp)
 
   [[nodiscard]] __host__ __device__ static constexpr int32_t padded(int32_t d) noexcept { return (d + 15) / 16 * 16; }
   //! bf16 row pitch: 16 bytes past a multiple of 32 shifts each row by four banks (ldmatrix
@@ -507,9 +506,8 @@ __device__ __forceinline__ void cp_async_wait(int32_t pending) {
 struct mma_smem {
   char* base;
   int32_t d, pairs, keys, stages;
-  [[nodiscard]] __device__ __nv_bfloat16* term(int32_t t) const {
-    return reinterpret_cast<__nv_bfloat16*>(base + t * mma_window::term_bytes(d, pairs));
-  }
+  //! The pair block's three term matrices, one after another (stage_query_terms).
+  [[nodiscard]] __device__ __nv_bfloat16* terms() const { return reinterpret_cast<__nv_bfloat16*>(base); }
   [[nodiscard]] __device__ uint32_t tile_address(int32_t stage) const {
     return shared_address(base + mma_window::tiles_at(d, pairs) + stage * mma_window::tile_bytes(d, keys));
   }
@@ -814,11 +812,11 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
   for (int32_t first = 0; first < l.pairs; first += s.pairs) {
     const int32_t count = min(s.pairs, l.pairs - first);
     __syncthreads();  // the previous block is done with the pair block and the ring
-    const int32_t terms = stage_query_terms(p, wh, first, count, s.pairs, s.term(0), s.qpos());
+    const int32_t terms = stage_query_terms(p, wh, first, count, s.pairs, s.terms(), s.qpos());
     const bool live = 16 * warp < count;  // warp-uniform: rows past the count are zero
     const int32_t qpos[2] = {s.qpos()[row0], s.qpos()[row0 + 8]};
     float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};  // sum: this lane's keys only
-    const uint32_t a_addr = a_rows_address(shared_address(s.term(0)), 16 * warp, ld, lane);
+    const uint32_t a_addr = a_rows_address(shared_address(s.terms()), 16 * warp, ld, lane);
     for_each_mma_tile(a.pool, wh.head, wh.begin, wh.end, s, [&](int32_t stage, int32_t, int32_t) {
       if (!live) return;
       float acc[n_tiles][4] = {};
