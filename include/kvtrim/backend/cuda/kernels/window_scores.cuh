@@ -877,6 +877,33 @@ __global__ void __launch_bounds__(mma_window::max_threads, 1)
 #endif
 }
 
+//! Runs compute(base, keys, x, kpos) for every 64-key tile [base, base + keys) of this CTA's
+//! split, with this thread's 4 x 8 logits x of `Logits` (pairs 4 pg + i, keys 8 kg + j) and
+//! the positions kpos of its 8 keys. Every thread of the CTA calls it, after staging the pair
+//! block (`terms`: what stage_pairs returned); the next tile's loads are in flight during each
+//! compute. compute may overwrite the key tile's shared memory after a CTA barrier: the next
+//! tile is stored only after the barrier that opens the next iteration.
+template <class Logits, kv_element T, class Compute>
+__device__ __forceinline__ void for_each_logit_tile(const window_params<T>& p, const window_head<T>& wh,
+                                                    const window_smem_view& sm, int32_t terms, Compute&& compute) {
+  const int32_t begin = wh.begin, end = wh.end, kg = threadIdx.x % 8;
+  typename Logits::template key_tile<T> tile_keys;
+  if (begin < end) tile_keys.fetch(p.args.pool, wh.head, begin, min(window_keys, end - begin));
+  for (int32_t base = begin; base < end; base += window_keys) {
+    __syncthreads();
+    tile_keys.store(sm);
+    __syncthreads();
+    if (base + window_keys < end)
+      tile_keys.fetch(p.args.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
+    float x[4][8];
+    Logits::tile(sm, p.args.pool.head_dim, p.logit_scale, terms, x);
+    int32_t kpos[8];
+#pragma unroll
+    for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
+    compute(base, min(window_keys, end - base), x, kpos);
+  }
+}
+
 //! Pass 1 (exact): per pair, the running max and denominator over this split's causal keys.
 template <kv_element T>
 __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(const __grid_constant__ window_params<T> p) {
@@ -887,7 +914,6 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(
   const window_head<T> wh = window_head_of(p);
   const window_smem_view sm = exact_logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
-  const int32_t begin = wh.begin, end = wh.end;
   for (int32_t first = 0; first < l.pairs; first += exact_logits::pairs) {
     const int32_t count = min(exact_logits::pairs, l.pairs - first);
     float m[4], s[4];
@@ -895,19 +921,7 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(
     for (int32_t i = 0; i < 4; ++i) m[i] = -INFINITY, s[i] = 0.f;
     __syncthreads();
     const int32_t terms = exact_logits::stage_pairs(p, wh, first, count, sm);
-    exact_logits::key_tile<T> keys;
-    if (begin < end) keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
-    for (int32_t base = begin; base < end; base += window_keys) {
-      __syncthreads();
-      keys.store(sm);
-      __syncthreads();
-      if (base + window_keys < end)
-        keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
-      float x[4][8];
-      exact_logits::tile(sm, d, p.logit_scale, terms, x);
-      int32_t kpos[8];
-#pragma unroll
-      for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
+    const auto fold = [&](int32_t, int32_t, const float (&x)[4][8], const int32_t (&kpos)[8]) {
       // Per row: the tile's max first, then its eight exponentials independently (a running
       // update per key would chain them), folded into the running denominator once.
 #pragma unroll
@@ -927,7 +941,8 @@ __global__ void __launch_bounds__(exact_logits::threads, 1) window_stats_kernel(
         s[i] = m_new != m[i] ? fmaf(s[i], exp2f(m[i] - m_new), sum) : s[i] + sum;
         m[i] = m_new;
       }
-    }
+    };
+    for_each_logit_tile<exact_logits>(p, wh, sm, terms, fold);
     // Merge the 8 key groups (adjacent lanes), then one lane per pair group writes.
 #pragma unroll
     for (int32_t i = 0; i < 4; ++i) {
@@ -980,7 +995,6 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_pr
   const window_head<T> wh = window_head_of(p);
   const window_smem_view sm = Logits::view(window_shared, d);
   const int32_t pg = threadIdx.x / 8, kg = threadIdx.x % 8;
-  const int32_t begin = wh.begin, end = wh.end;
   const bool squared = a.metric.squared;
   for (int32_t first = 0; first < l.pairs; first += Logits::pairs) {
     const int32_t count = min(Logits::pairs, l.pairs - first);
@@ -995,20 +1009,7 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_pr
     const int32_t g_first = first / a.window, g_last = (first + count - 1) / a.window;
     __syncthreads();
     const int32_t terms = Logits::stage_pairs(p, wh, first, count, sm);
-    typename Logits::template key_tile<T> tile_keys;
-    if (begin < end) tile_keys.fetch(a.pool, wh.head, begin, min(window_keys, end - begin));
-    for (int32_t base = begin; base < end; base += window_keys) {
-      const int32_t keys = min(window_keys, end - base);
-      __syncthreads();
-      tile_keys.store(sm);
-      __syncthreads();
-      if (base + window_keys < end)
-        tile_keys.fetch(a.pool, wh.head, base + window_keys, min(window_keys, end - base - window_keys));
-      float x[4][8];
-      Logits::tile(sm, d, p.logit_scale, terms, x);
-      int32_t kpos[8];
-#pragma unroll
-      for (int32_t j = 0; j < 8; ++j) kpos[j] = sm.skpos[8 * kg + j];
+    const auto sum_rows = [&](int32_t base, int32_t keys, const float (&x)[4][8], const int32_t (&kpos)[8]) {
       __syncthreads();  // the probability tile overwrites the key (or logit) tile
 #pragma unroll
       for (int32_t i = 0; i < 4; ++i) {
@@ -1034,7 +1035,8 @@ __global__ void __launch_bounds__(Logits::threads, Logits::min_blocks) window_pr
         for (int32_t q = r0; q < r1; ++q) v += sm.probs[q * prob_pitch + k];
         *out = v;
       }
-    }
+    };
+    for_each_logit_tile<Logits>(p, wh, sm, terms, sum_rows);
   }
 }
 
