@@ -22,6 +22,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -161,6 +162,95 @@ struct compress_parts {
   bool scored = false;
 };
 
+//! A piece of a step's window scores: sequences [first_sequence, + sequences) x layers
+//! [first_layer, + layers), layers counted from the step's first. Either whole sequences or
+//! one sequence's layers, so each piece is one contiguous run of the step's [batch][layers]
+//! queries and scores.
+struct step_piece {
+  int32_t first_sequence = 0;
+  int32_t sequences = 0;
+  int32_t first_layer = 0;
+  int32_t layers = 0;
+};
+
+//! (sequence, layer) pairs of `heads` heads of `stride` slots that a piece holds
+//! (step_tuning::piece_slots), at least one.
+[[nodiscard]] constexpr int64_t piece_pairs(int32_t heads, int32_t stride) noexcept {
+  const int64_t slots = static_cast<int64_t>(heads > 1 ? heads : 1) * (stride > 1 ? stride : 1);
+  const int64_t pairs = default_tuning.step.piece_slots / slots;
+  return pairs > 1 ? pairs : 1;
+}
+
+//! Calls f(piece) for the pieces of at most `pairs` (sequence, layer) pairs that cover
+//! `batch` sequences x `layers` layers once, in the step's order: whole sequences where a piece
+//! holds every layer of one, else runs of one sequence's layers.
+template <class F>
+void for_each_step_piece(int32_t batch, int32_t layers, int64_t pairs, F&& f) {
+  if (pairs >= layers) {
+    const auto per = static_cast<int32_t>(std::min<int64_t>(batch, pairs / layers));
+    for (int32_t s = 0; s < batch; s += per) f(step_piece{s, std::min(per, batch - s), 0, layers});
+  } else {
+    const auto per = static_cast<int32_t>(pairs);
+    for (int32_t s = 0; s < batch; ++s)
+      for (int32_t l = 0; l < layers; l += per) f(step_piece{s, 1, l, std::min(per, layers - l)});
+  }
+}
+
+//! The shapes of for_each_step_piece's pieces (workspace sizes depend on nothing else): the
+//! first piece's, then the last one's where it differs, else a piece of no sequences.
+[[nodiscard]] inline std::array<step_piece, 2> step_piece_shapes(int32_t batch, int32_t layers, int64_t pairs) {
+  std::array<step_piece, 2> shapes{};
+  if (batch < 1 || layers < 1) return shapes;
+  if (pairs >= layers) {
+    const auto per = static_cast<int32_t>(std::min<int64_t>(batch, pairs / layers));
+    shapes[0] = {0, per, 0, layers};
+    if (batch % per != 0) shapes[1] = {batch - batch % per, batch % per, 0, layers};
+  } else {
+    const auto per = static_cast<int32_t>(pairs);
+    shapes[0] = {0, 1, 0, per};
+    if (layers % per != 0) shapes[1] = {0, 1, layers - layers % per, layers % per};
+  }
+  return shapes;
+}
+
+//! The window-score arguments of piece `c` of the step's `a`: its sequences' mirror rows,
+//! query rows, query positions and scores (null pointers stay null: sizes and checks).
+template <kv_element T>
+[[nodiscard]] window_score_arguments<T> window_piece(const window_score_arguments<T>& a, const step_piece& c) {
+  const int64_t lb = batch_layer(a, c.first_sequence, a.first_layer + c.first_layer);
+  const auto at = [](auto* p, int64_t n) { return p ? p + n : p; };
+  window_score_arguments<T> w = a;
+  w.batch = c.sequences;
+  w.first_layer = a.first_layer + c.first_layer;
+  w.layer_count = c.layers;
+  w.rows = at(a.rows, c.first_sequence);
+  w.queries = at(a.queries, lb * a.window * a.q_heads * a.pool.head_dim);
+  w.query_positions = at(a.query_positions, static_cast<int64_t>(c.first_sequence) * a.window);
+  w.scores = at(a.scores, lb * a.pool.heads * a.stride);
+  return w;
+}
+
+//! Heads of a compaction piece of a step of `heads` heads: step_tuning::piece_slots / stride,
+//! at least one, at most `heads` and the grid's 65,535.
+[[nodiscard]] constexpr int32_t compaction_piece_heads(int32_t heads, int32_t stride) noexcept {
+  if (heads < 1) return 0;
+  const int64_t most = std::min<int64_t>(default_tuning.step.piece_slots / (stride > 1 ? stride : 1), 65535);
+  return static_cast<int32_t>(std::clamp<int64_t>(most, 1, heads));
+}
+
+//! The compaction arguments of heads [first, first + heads) of the step's `a`.
+template <kv_element T>
+[[nodiscard]] compaction_arguments<T> compaction_piece(const compaction_arguments<T>& a, int32_t first,
+                                                       int32_t heads) {
+  const auto at = [](auto* p, int64_t n) { return p ? p + n : p; };
+  compaction_arguments<T> c = a;
+  c.heads = heads;
+  c.head_index = at(a.head_index, first);
+  c.kept = at(a.kept, static_cast<int64_t>(first) * a.stride);
+  c.keep = at(a.keep, first);
+  return c;
+}
+
 template <compression_policy P, kv_element T>
 [[nodiscard]] status parts_of(const compress_arguments<P, T>& a, compress_parts<P, T>& out) {
   if (const status s = a.policy.validate(a.model); s != status::success) return s;
@@ -232,13 +322,15 @@ compress_layout carve(compress_parts<P, T>& p, void* base) {
   p.plan.new_metrics = w.take<float>(p.plan.source == score_source::accumulated ? items : 0);
   p.compaction.kept = p.plan.kept;
   p.compaction.head_index = p.plan.head_index;
+  // The window scores and the compaction run piece by piece (compress_on_device): the stage
+  // holds the largest piece of each, and the ranking of the whole batch.
   size_t stage = workspace_size(p.plan);
-  if (p.scored) {
-    const size_t ws = workspace_size(p.window);
-    stage = ws > stage ? ws : stage;
-  }
-  const size_t cs = workspace_size(p.compaction);
-  stage = cs > stage ? cs : stage;
+  if (p.scored)
+    for (const step_piece& shape : step_piece_shapes(p.window.batch, p.window.layer_count,
+                                                     piece_pairs(p.window.pool.heads, p.window.stride)))
+      if (shape.sequences > 0) stage = std::max(stage, workspace_size(window_piece(p.window, shape)));
+  const int32_t compacted = compaction_piece_heads(p.compaction.heads, p.compaction.stride);
+  stage = std::max(stage, workspace_size(compaction_piece(p.compaction, 0, compacted)));
   const size_t stage_offset = w.used();
   w.take<char>(static_cast<int64_t>(stage));
   return {stage_offset, w.used()};
@@ -291,10 +383,14 @@ template <compression_policy P, kv_element T>
   if (const status s = detail::parts_of(a, p); s != status::success) return s;
   if (a.batch > 0 && (!a.keep || !a.error)) return status::invalid_argument;
   if (p.scored) {
-    // Pointers are checked at launch; sizes here.
-    window_score_arguments<T> w = p.window;
-    w.scores = reinterpret_cast<float*>(1);
-    if (const status s = can_implement(w); s != status::success) return s;
+    // Pointers are checked at launch; sizes here, for each shape of piece the step runs.
+    for (const detail::step_piece& shape : detail::step_piece_shapes(
+             p.window.batch, p.window.layer_count, detail::piece_pairs(p.window.pool.heads, p.window.stride))) {
+      if (shape.sequences == 0) continue;
+      window_score_arguments<T> w = detail::window_piece(p.window, shape);
+      w.scores = reinterpret_cast<float*>(1);
+      if (const status s = can_implement(w); s != status::success) return s;
+    }
   }
   plan_arguments<T> pa = p.plan;
   pa.kept = reinterpret_cast<uint8_t*>(1);
@@ -342,10 +438,24 @@ template <compression_policy P, kv_element T>
   detail::compress_parts<P, T> p;
   if (const status s = detail::parts_of(a, p); s != status::success) return s;
   void* stage = static_cast<char*>(workspace) + detail::carve(p, workspace).stage_offset;
-  if (p.scored)
-    if (const status s = window_scores(p.window, stage, stream); s != status::success) return s;
+  // Pieces one after another on the stream, each reusing the stage (detail::carve).
+  if (p.scored) {
+    status s = status::success;
+    const auto score = [&](const detail::step_piece& c) {
+      if (s == status::success) s = window_scores(detail::window_piece(p.window, c), stage, stream);
+    };
+    const int64_t pairs = detail::piece_pairs(p.window.pool.heads, p.window.stride);
+    detail::for_each_step_piece(p.window.batch, p.window.layer_count, pairs, score);
+    if (s != status::success) return s;
+  }
   if (const status s = plan(p.plan, stage, stream); s != status::success) return s;
-  return compact(p.compaction, stage, stream);
+  const int32_t heads = p.compaction.heads, per = detail::compaction_piece_heads(heads, p.compaction.stride);
+  for (int32_t first = 0; first < heads; first += per)
+    if (const status s =
+            compact(detail::compaction_piece(p.compaction, first, std::min(per, heads - first)), stage, stream);
+        s != status::success)
+      return s;
+  return status::success;
 }
 
 // ---- on a device_paged_cache

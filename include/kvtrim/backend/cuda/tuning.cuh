@@ -38,6 +38,17 @@ struct window_tuning {
   int32_t max_split_keys = 4096; //!< and at most this many
 };
 
+//! The compression step (compress_on_device): its window scores and its compaction run over
+//! pieces of the batch, one after another, so their workspace follows a piece instead of every
+//! layer of every sequence (the ranking between them sees the whole batch: budgets can cross
+//! heads and layers).
+struct step_tuning {
+  int64_t piece_slots = int64_t{1} << 21;  //!< slots (heads x stride) of a piece, at least one
+                                           //!< (sequence, layer): one layer of the benchmark's
+                                           //!< B = 8, n = 32k step, whose window scores run 2,048
+                                           //!< CTAs a pass
+};
+
 //! Element-wise kernels: append, moves, metadata, gathers, pooling.
 struct elementwise_tuning {
   int32_t threads = 256;
@@ -52,6 +63,7 @@ struct planning_tuning {
 struct tuning_policy {
   attention_tuning attention{};
   window_tuning window{};
+  step_tuning step{};
   elementwise_tuning elementwise{};
   planning_tuning planning{};
 };

@@ -219,6 +219,14 @@ template <kv_element T>
 
 namespace detail {
 
+//! Index of (batch entry b, layer) in the [batch][layer_count] order of the queries and scores
+//! of `a` (and of its workspace heads, times H).
+template <kv_element T>
+[[nodiscard]] __host__ __device__ constexpr int64_t batch_layer(const window_score_arguments<T>& a, int32_t b,
+                                                                int32_t layer) noexcept {
+  return static_cast<int64_t>(b) * a.layer_count + (layer - a.first_layer);
+}
+
 //! The exact path's CTA: pairs / 4 pair groups x 8 key groups of threads, each thread 4 pairs
 //! x 8 keys of a 64-key tile.
 inline constexpr int32_t window_keys = 64;     // keys per tile
@@ -339,7 +347,7 @@ template <kv_element T>
 __device__ __forceinline__ const float* pair_query(const window_params<T>& p, const window_head<T>& wh, int32_t pair) {
   const auto& a = p.args;
   const int32_t qh0 = a.metric.reduce == gqa_reduce::per_query_head ? wh.h : wh.h * p.layout.per_row;
-  const int64_t lb = static_cast<int64_t>(wh.b) * a.layer_count + (wh.layer - a.first_layer);
+  const int64_t lb = batch_layer(a, wh.b, wh.layer);
   const int32_t g = pair / a.window, r = pair - g * a.window;
   return a.queries + ((lb * a.window + r) * a.q_heads + qh0 + g) * a.pool.head_dim;
 }
