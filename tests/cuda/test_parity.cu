@@ -157,6 +157,7 @@ namespace {
 struct heads_of {
   int32_t tokens = 200;
   int32_t copies = 1;
+  int32_t max_tokens = 0;  //!< the cache's max_tokens_per_head, the step's stride (0: tokens + 8)
 };
 
 //! Runs `policy` on both caches and compares the kept tokens (position and key) of every head.
@@ -165,7 +166,8 @@ void check_compression(const P& policy, const kv::attention_shape& model, int32_
                        kv::cuda::window_math math, heads_of heads = {}) {
   const int32_t n = heads.tokens;
   const kv::paged_cache_config config{{model.layers, model.q_heads, policy.metric.stored_heads(model), model.head_dim},
-                                      bs, model.layers * policy.metric.stored_heads(model) * 2 * (n / bs + 2), 2, n + 8};
+                                      bs, model.layers * policy.metric.stored_heads(model) * 2 * (n / bs + 2), 2,
+                                      heads.max_tokens > 0 ? heads.max_tokens : n + 8};
   twin_caches<T> c(config);
   std::mt19937 rng(seed);
   const std::vector<int64_t> seqs{3, 5};
@@ -323,6 +325,35 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens on 
     if (long_heads)
       check_compression<kv::ada_snapkv_policy, TestType>(
           kv::ada_kv({.budget = kv::token_budget::of_tokens(1000), .window = 8}), model, bs, seed, 8, math, {5000, 1});
+  }
+}
+
+// A step whose heads hold more slots than a piece (step_tuning::piece_slots, 2^21): the
+// window scores run piece by piece (one sequence's layers at 600k slots a head, whole sequences
+// at 300k) and so does the compaction, around one ranking of the whole batch.
+TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens when the step runs in pieces", "[cuda]",
+                   float, kv::bfloat16) {
+  if (quick_level() >= 2) return;  // racecheck's tier: thousands of CTAs of empty splits
+  const int32_t max_tokens = GENERATE(300000, 600000);
+  const auto math = GENERATE(kv::cuda::window_math::exact, kv::cuda::window_math::tensor_cores);
+  if (math == kv::cuda::window_math::tensor_cores && !std::is_same_v<TestType, kv::bfloat16>) return;
+  CAPTURE(max_tokens, static_cast<int>(math));
+  const kv::attention_shape model{2, 4, 2, 64};
+  const int64_t pairs = kv::cuda::detail::piece_pairs(model.kv_heads, max_tokens);
+  REQUIRE(pairs < 2 * model.layers);  // more than one piece for the two sequences
+  const heads_of heads{200, 1, max_tokens};
+  SECTION("SnapKV") {
+    check_compression<kv::snapkv_policy, TestType>(
+        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, 16, 31, 8, math, heads);
+  }
+  SECTION("Ada-KV") {
+    check_compression<kv::ada_snapkv_policy, TestType>(
+        kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, 16, 32, 8, math, heads);
+  }
+  SECTION("KV-Compress (a budget across layers)") {
+    check_compression<kv::kv_compress_policy, TestType>(
+        kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = 16, .protected_window = 8}), model,
+        16, 33, 8, math, heads);
   }
 }
 
