@@ -29,6 +29,35 @@ for name in ("bench_decode", "bench_compress", "bench_append", "peers"):
         print(f"| {b['name']} | {b['real_time']:.1f} | {b.get('TB/s', 0):.3f} | {b.get('copy_fraction', 0):.2f} |")
 
 
+def split_table(out):
+    """bm_decode_splits per shape: the library's split choice (split:0) beside the fastest
+    explicit split, the figures a retune of split_tokens_for starts from."""
+    f = out / "bench_decode.json"
+    try:
+        data = json.loads(f.read_text()) if f.exists() else {}
+    except json.JSONDecodeError:
+        return
+    shapes = {}  # "B:8/n:32768/x:1" -> {split: µs}
+    for b in data.get("benchmarks", []):
+        parts = b["name"].split("/")
+        if parts[0] != "bm_decode_splits" or b.get("error_occurred"):
+            continue
+        fields = dict(p.split(":") for p in parts[1:] if ":" in p)
+        shape = "/".join(f"{k}:{fields[k]}" for k in ("B", "n", "x"))
+        shapes.setdefault(shape, {})[int(fields["split"])] = b["real_time"]
+    if not shapes:
+        return
+    print("\n### Decode split sizes (bm_decode_splits)\n")
+    print("| shape | library's choice (us) | fastest split (keys) | its time (us) | fastest / library's |")
+    print("| --- | --- | --- | --- | --- |")
+    for shape, times in shapes.items():
+        explicit = {k: v for k, v in times.items() if k > 0}
+        if 0 not in times or not explicit:
+            continue
+        best = min(explicit, key=explicit.get)
+        print(f"| {shape} | {times[0]:.1f} | {best} | {explicit[best]:.1f} | {explicit[best] / times[0]:.3f} |")
+
+
 def ab_table(ab):
     """Per benchmark, each round's time on the baseline and current side and the ratio of the
     two sides' best rounds (below 1: the current tree is faster)."""
@@ -53,5 +82,6 @@ def ab_table(ab):
         print(f"| {name} | {rounds(base)} | {rounds(cur)} | {ratio} |")
 
 
+split_table(out)
 if (out / "ab").is_dir():
     ab_table(out / "ab")
