@@ -5,6 +5,8 @@
 //! - `compress_on_device(args, workspace, stream)`: one compression step of a batch of
 //!   sequences (scores -> ranking -> budgets -> plan -> compaction) on device buffers. No
 //!   allocation, no host synchronisation: graph-capturable. Outputs each head's new length.
+//!   The window scores and the compaction run in pieces of the batch (step_tuning), so the
+//!   workspace does not hold their buffers for every layer of every sequence at once.
 //! - `compress(policy, cache, seqs, obs, workspace, bytes, stream)`: the same on a
 //!   `device_paged_cache`, then the commit: the host block tables are authoritative, so the
 //!   new lengths come back with ONE device-to-host copy and one stream synchronisation per
@@ -186,6 +188,7 @@ struct step_piece {
 //! holds every layer of one, else runs of one sequence's layers.
 template <class F>
 void for_each_step_piece(int32_t batch, int32_t layers, int64_t pairs, F&& f) {
+  if (batch < 1 || layers < 1) return;
   if (pairs >= layers) {
     const auto per = static_cast<int32_t>(std::min<int64_t>(batch, pairs / layers));
     for (int32_t s = 0; s < batch; s += per) f(step_piece{s, std::min(per, batch - s), 0, layers});
@@ -213,20 +216,25 @@ void for_each_step_piece(int32_t batch, int32_t layers, int64_t pairs, F&& f) {
   return shapes;
 }
 
+//! `p + n`, or null for a null `p` (arguments built for sizes and checks carry no buffers).
+template <class U>
+[[nodiscard]] constexpr U* advanced(U* p, int64_t n) noexcept {
+  return p ? p + n : p;
+}
+
 //! The window-score arguments of piece `c` of the step's `a`: its sequences' mirror rows,
-//! query rows, query positions and scores (null pointers stay null: sizes and checks).
+//! query rows, query positions and scores.
 template <kv_element T>
 [[nodiscard]] window_score_arguments<T> window_piece(const window_score_arguments<T>& a, const step_piece& c) {
   const int64_t lb = batch_layer(a, c.first_sequence, a.first_layer + c.first_layer);
-  const auto at = [](auto* p, int64_t n) { return p ? p + n : p; };
   window_score_arguments<T> w = a;
   w.batch = c.sequences;
   w.first_layer = a.first_layer + c.first_layer;
   w.layer_count = c.layers;
-  w.rows = at(a.rows, c.first_sequence);
-  w.queries = at(a.queries, lb * a.window * a.q_heads * a.pool.head_dim);
-  w.query_positions = at(a.query_positions, static_cast<int64_t>(c.first_sequence) * a.window);
-  w.scores = at(a.scores, lb * a.pool.heads * a.stride);
+  w.rows = advanced(a.rows, c.first_sequence);
+  w.queries = advanced(a.queries, lb * a.window * a.q_heads * a.pool.head_dim);
+  w.query_positions = advanced(a.query_positions, static_cast<int64_t>(c.first_sequence) * a.window);
+  w.scores = advanced(a.scores, lb * a.pool.heads * a.stride);
   return w;
 }
 
@@ -242,12 +250,11 @@ template <kv_element T>
 template <kv_element T>
 [[nodiscard]] compaction_arguments<T> compaction_piece(const compaction_arguments<T>& a, int32_t first,
                                                        int32_t heads) {
-  const auto at = [](auto* p, int64_t n) { return p ? p + n : p; };
   compaction_arguments<T> c = a;
   c.heads = heads;
-  c.head_index = at(a.head_index, first);
-  c.kept = at(a.kept, static_cast<int64_t>(first) * a.stride);
-  c.keep = at(a.keep, first);
+  c.head_index = advanced(a.head_index, first);
+  c.kept = advanced(a.kept, static_cast<int64_t>(first) * a.stride);
+  c.keep = advanced(a.keep, first);
   return c;
 }
 
