@@ -5,6 +5,7 @@
 // growing with the window scores of every layer.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <set>
 #include <utility>
@@ -109,10 +110,12 @@ TEST_CASE("compaction pieces cover the step's heads within the grid and the piec
     for (const int32_t heads : {1, 7, 64, 2048, 65535}) {
       CAPTURE(stride, heads);
       const int32_t per = cu::detail::compaction_piece_heads(heads, stride);
-      CHECK(per >= 1);
+      const cu::step_tuning t = cu::default_tuning.step;
       CHECK(per <= heads);
       CHECK(per <= 65535);
-      CHECK((per == 1 || static_cast<int64_t>(per) * stride <= cu::default_tuning.step.piece_slots));
+      // enough heads to keep the GPU busy, and no more than a piece's slots beyond that
+      CHECK(per >= std::min(heads, t.min_compaction_heads));
+      CHECK((per <= t.min_compaction_heads || static_cast<int64_t>(per) * stride <= t.piece_slots));
     }
   CHECK(cu::detail::compaction_piece_heads(0, 16) == 0);
   cu::compaction_arguments<float> a;

@@ -239,11 +239,12 @@ template <kv_element T>
 }
 
 //! Heads of a compaction piece of a step of `heads` heads: step_tuning::piece_slots / stride,
-//! at least one, at most `heads` and the grid's 65,535.
+//! but at least min_compaction_heads; at most `heads` and the grid's 65,535.
 [[nodiscard]] constexpr int32_t compaction_piece_heads(int32_t heads, int32_t stride) noexcept {
   if (heads < 1) return 0;
-  const int64_t most = std::min<int64_t>(default_tuning.step.piece_slots / (stride > 1 ? stride : 1), 65535);
-  return static_cast<int32_t>(std::clamp<int64_t>(most, 1, heads));
+  constexpr step_tuning t = default_tuning.step;
+  const int64_t per = std::max<int64_t>(t.piece_slots / (stride > 1 ? stride : 1), t.min_compaction_heads);
+  return static_cast<int32_t>(std::min<int64_t>({per, heads, 65535}));
 }
 
 //! The compaction arguments of heads [first, first + heads) of the step's `a`.

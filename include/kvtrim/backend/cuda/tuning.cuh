@@ -47,6 +47,10 @@ struct step_tuning {
                                            //!< (sequence, layer): one layer of the benchmark's
                                            //!< B = 8, n = 32k step, whose window scores run 2,048
                                            //!< CTAs a pass
+  int32_t min_compaction_heads = 64;       //!< heads of a compaction piece at least: a CTA per
+                                           //!< head scans its slots round after round, so a
+                                           //!< launch of few heads leaves most SMs idle (the
+                                           //!< benchmarks' steps, 64 heads or fewer, stay one)
 };
 
 //! Element-wise kernels: append, moves, metadata, gathers, pooling.
