@@ -328,32 +328,36 @@ TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens on 
   }
 }
 
-// A step whose heads hold more slots than a piece (step_tuning::piece_slots, 2^21): the
-// window scores run piece by piece (one sequence's layers at 600k slots a head, whole sequences
-// at 300k) and so does the compaction, around one ranking of the whole batch.
+// A step larger than a piece (step_tuning): 80 heads (2 sequences x 5 layers x 8 KV heads)
+// whose stride (the cache's max_tokens_per_head, not the tokens held) sets the pieces. The
+// window scores run as whole sequences (40k slots a head: 2 pieces), runs of 2 layers of one
+// sequence (100k: 6 pieces, the last of 1 layer) or single layers (600k: 10 pieces); the
+// compaction in 2 pieces (64 heads, then 16); one ranking of the whole batch between them.
 TEMPLATE_TEST_CASE("compression on the device keeps the CPU backend's tokens when the step runs in pieces", "[cuda]",
                    float, kv::bfloat16) {
   if (quick_level() >= 2) return;  // racecheck's tier: thousands of CTAs of empty splits
-  const int32_t max_tokens = GENERATE(300000, 600000);
+  const int32_t max_tokens = GENERATE(40000, 100000, 600000);
+  if (quick() && max_tokens == 600000) return;  // the sanitizers' tier: the two smaller ones
   const auto math = GENERATE(kv::cuda::window_math::exact, kv::cuda::window_math::tensor_cores);
   if (math == kv::cuda::window_math::tensor_cores && !std::is_same_v<TestType, kv::bfloat16>) return;
   CAPTURE(max_tokens, static_cast<int>(math));
-  const kv::attention_shape model{2, 4, 2, 64};
-  const int64_t pairs = kv::cuda::detail::piece_pairs(model.kv_heads, max_tokens);
-  REQUIRE(pairs < 2 * model.layers);  // more than one piece for the two sequences
-  const heads_of heads{200, 1, max_tokens};
+  const kv::attention_shape model{5, 16, 8, 64};
+  const int32_t heads = 2 * model.layers * model.kv_heads;
+  REQUIRE(kv::cuda::detail::piece_pairs(model.kv_heads, max_tokens) < 2 * model.layers);
+  REQUIRE(kv::cuda::detail::compaction_piece_heads(heads, max_tokens) < heads);
+  const heads_of lengths{200, 1, max_tokens};
   SECTION("SnapKV") {
     check_compression<kv::snapkv_policy, TestType>(
-        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, 16, 31, 8, math, heads);
+        kv::snapkv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, 16, 31, 8, math, lengths);
   }
   SECTION("Ada-KV") {
     check_compression<kv::ada_snapkv_policy, TestType>(
-        kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, 16, 32, 8, math, heads);
+        kv::ada_kv({.budget = kv::token_budget::of_tokens(64), .window = 8}), model, 16, 32, 8, math, lengths);
   }
   SECTION("KV-Compress (a budget across layers)") {
     check_compression<kv::kv_compress_policy, TestType>(
         kv::kv_compress({.budget = kv::token_budget::of_tokens(64), .block_size = 16, .protected_window = 8}), model,
-        16, 33, 8, math, heads);
+        16, 33, 8, math, lengths);
   }
 }
 
