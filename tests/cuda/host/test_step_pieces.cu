@@ -53,12 +53,13 @@ TEST_CASE("step pieces cover every (sequence, layer) once, in the step's order, 
                                                  : batch * ((layers + pairs - 1) / pairs);
         CHECK(static_cast<int64_t>(pieces.size()) == expected);
         // step_piece_shapes names exactly the shapes the enumeration gives (workspace sizes).
+        const auto named_shapes = cu::detail::step_piece_shapes(batch, layers, pairs);
         std::set<std::pair<int32_t, int32_t>> named;
-        for (const step_piece& s : cu::detail::step_piece_shapes(batch, layers, pairs))
+        for (const step_piece& s : named_shapes)
           if (s.sequences > 0) named.insert({s.sequences, s.layers});
         CHECK(named == shapes);
-        CHECK(pieces.front().sequences == cu::detail::step_piece_shapes(batch, layers, pairs)[0].sequences);
-        CHECK(pieces.front().layers == cu::detail::step_piece_shapes(batch, layers, pairs)[0].layers);
+        CHECK(pieces.front().sequences == named_shapes[0].sequences);
+        CHECK(pieces.front().layers == named_shapes[0].layers);
       }
   CHECK(pieces_of(0, 4, 8).empty());
 }

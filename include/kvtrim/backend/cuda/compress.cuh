@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kvtrim/backend/cuda/error.cuh"
@@ -216,6 +217,16 @@ void for_each_step_piece(int32_t batch, int32_t layers, int64_t pairs, F&& f) {
   return shapes;
 }
 
+//! The pieces of the window scores `w` of a step, as above: their shapes, and each in turn.
+template <kv_element T>
+[[nodiscard]] std::array<step_piece, 2> window_piece_shapes(const window_score_arguments<T>& w) {
+  return step_piece_shapes(w.batch, w.layer_count, piece_pairs(w.pool.heads, w.stride));
+}
+template <kv_element T, class F>
+void for_each_window_piece(const window_score_arguments<T>& w, F&& f) {
+  for_each_step_piece(w.batch, w.layer_count, piece_pairs(w.pool.heads, w.stride), std::forward<F>(f));
+}
+
 //! `p + n`, or null for a null `p` (arguments built for sizes and checks carry no buffers).
 template <class U>
 [[nodiscard]] constexpr U* advanced(U* p, int64_t n) noexcept {
@@ -334,8 +345,7 @@ compress_layout carve(compress_parts<P, T>& p, void* base) {
   // holds the largest piece of each, and the ranking of the whole batch.
   size_t stage = workspace_size(p.plan);
   if (p.scored)
-    for (const step_piece& shape : step_piece_shapes(p.window.batch, p.window.layer_count,
-                                                     piece_pairs(p.window.pool.heads, p.window.stride)))
+    for (const step_piece& shape : window_piece_shapes(p.window))
       if (shape.sequences > 0) stage = std::max(stage, workspace_size(window_piece(p.window, shape)));
   const int32_t compacted = compaction_piece_heads(p.compaction.heads, p.compaction.stride);
   stage = std::max(stage, workspace_size(compaction_piece(p.compaction, 0, compacted)));
@@ -392,8 +402,7 @@ template <compression_policy P, kv_element T>
   if (a.batch > 0 && (!a.keep || !a.error)) return status::invalid_argument;
   if (p.scored) {
     // Pointers are checked at launch; sizes here, for each shape of piece the step runs.
-    for (const detail::step_piece& shape : detail::step_piece_shapes(
-             p.window.batch, p.window.layer_count, detail::piece_pairs(p.window.pool.heads, p.window.stride))) {
+    for (const detail::step_piece& shape : detail::window_piece_shapes(p.window)) {
       if (shape.sequences == 0) continue;
       window_score_arguments<T> w = detail::window_piece(p.window, shape);
       w.scores = reinterpret_cast<float*>(1);
@@ -452,8 +461,7 @@ template <compression_policy P, kv_element T>
     const auto score = [&](const detail::step_piece& c) {
       if (s == status::success) s = window_scores(detail::window_piece(p.window, c), stage, stream);
     };
-    const int64_t pairs = detail::piece_pairs(p.window.pool.heads, p.window.stride);
-    detail::for_each_step_piece(p.window.batch, p.window.layer_count, pairs, score);
+    detail::for_each_window_piece(p.window, score);
     if (s != status::success) return s;
   }
   if (const status s = plan(p.plan, stage, stream); s != status::success) return s;
