@@ -58,6 +58,31 @@ def split_table(out):
         print(f"| {shape} | {times[0]:.1f} | {best} | {explicit[best]:.1f} | {explicit[best] / times[0]:.3f} |")
 
 
+def piece_table(out):
+    """bm_snapkv_pieces per shape: each piece size's step time and workspace, the trade an
+    engine makes with compress_arguments::piece_slots (0: the library's)."""
+    f = out / "bench_compress.json"
+    try:
+        data = json.loads(f.read_text()) if f.exists() else {}
+    except json.JSONDecodeError:
+        return
+    rows = []
+    for b in data.get("benchmarks", []):
+        parts = b["name"].split("/")
+        if parts[0] != "bm_snapkv_pieces" or b.get("error_occurred"):
+            continue
+        fields = dict(p.split(":") for p in parts[1:] if ":" in p)
+        rows.append((f"B:{fields['B']}/n:{fields['n']}", int(fields["piece"]), b["real_time"],
+                     100 * b.get("workspace_fraction", 0)))
+    if not rows:
+        return
+    print("\n### Compression step pieces (bm_snapkv_pieces, tensor cores, bf16 query values)\n")
+    print("| shape | piece (slots; 0: the library's) | time (us) | workspace / K+V |")
+    print("| --- | --- | --- | --- |")
+    for shape, piece, us, ws in rows:
+        print(f"| {shape} | {piece} | {us:.1f} | {ws:.1f}% |")
+
+
 def ab_table(ab):
     """Per benchmark, each round's time on the baseline and current side and the ratio of the
     two sides' best rounds (below 1: the current tree is faster)."""
@@ -83,5 +108,6 @@ def ab_table(ab):
 
 
 split_table(out)
+piece_table(out)
 if (out / "ab").is_dir():
     ab_table(out / "ab")

@@ -6,7 +6,8 @@
 // them (and as the PyTorch peer's step takes them): their low bf16 terms are zero, so the
 // tensor-core path needs one MMA per logit tile instead of three. The SnapKV window scores
 // alone (bm_snapkv_window_scores) split a step's time into scoring and the rest (ranking,
-// budgets, compaction).
+// budgets, compaction). bm_snapkv_pieces sweeps the step's piece size (compress_arguments::
+// piece_slots; 0: the library's): workspace against the time of a launch a piece.
 #include "bench_support.cuh"
 
 #include <memory>
@@ -69,7 +70,7 @@ std::unique_ptr<step_inputs> inputs_or_skip(benchmark::State& state) {
 }
 
 template <class P>
-void run_step(benchmark::State& state, const P& policy) {
+void run_step(benchmark::State& state, const P& policy, int64_t piece_slots = 0) {
   const std::unique_ptr<step_inputs> inputs = inputs_or_skip(state);
   if (!inputs) return;
   step_inputs& in = *inputs;  // make_view takes the cache's writable buffers
@@ -88,6 +89,7 @@ void run_step(benchmark::State& state, const P& policy) {
   a.keep = keep.as<int32_t>();
   a.error = error.as<int32_t>();
   a.math = math_of(state);
+  a.piece_slots = piece_slots;
   const size_t ws_bytes = kvtrim::cuda::workspace_size(a);
   device_memory ws(ws_bytes);
   // Repeated steps on the same (already compacted) cache: the first iteration compacts, the
@@ -112,6 +114,11 @@ void bm_ada_kv(benchmark::State& state) {
 void bm_kv_compress(benchmark::State& state) {
   const int32_t n = static_cast<int32_t>(state.range(1));
   run_step(state, kvtrim::kv_compress({.budget = kvtrim::token_budget::of_tokens(n / 16), .protected_window = window}));
+}
+
+//! SnapKV's step in pieces of state.range(4) slots.
+void bm_snapkv_pieces(benchmark::State& state) {
+  run_step(state, snapkv_of(static_cast<int32_t>(state.range(1))), state.range(4));
 }
 
 //! SnapKV's window scores alone (both passes, the GQA mean, max pool 7), as in bm_snapkv.
@@ -151,10 +158,19 @@ void step_args(benchmark::internal::Benchmark* b) {
       for (const int64_t n : {4096, 32768, 131072}) b->Args({batch, n, tc, q16});
 }
 
+//! The targets' shape and the largest, tensor cores on bf16 query values, from pieces of two
+//! sequences' layer up to the library's piece size.
+void piece_args(benchmark::internal::Benchmark* b) {
+  for (const int64_t n : {32768, 131072})
+    for (const int64_t piece : {int64_t{1} << 19, int64_t{1} << 20, int64_t{1} << 21, int64_t{1} << 22, int64_t{0}})
+      b->Args({8, n, 1, 1, piece});
+}
+
 }  // namespace
 
 BENCHMARK(bm_snapkv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
 BENCHMARK(bm_ada_kv)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
 BENCHMARK(bm_kv_compress)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
+BENCHMARK(bm_snapkv_pieces)->Apply(piece_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16", "piece"});
 BENCHMARK(bm_snapkv_window_scores)->Apply(step_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->ArgNames({"B", "n", "tc", "q16"});
 BENCHMARK_MAIN();

@@ -337,6 +337,10 @@ TEST_CASE("cuda bad input: compress_arguments are refused before any launch", "[
     a.math = cu::window_math::tensor_cores;
     refused(a, status::not_supported);
   }
+  SECTION("a negative piece size") {
+    a.piece_slots = -1;
+    refused(a, status::invalid_argument);
+  }
   SECTION("tensor-core math does not concern a policy without window scores") {
     auto positional = compression(kv::streaming_llm({.budget = kv::token_budget::of_tokens(16), .sinks = 4}));
     positional.obs.rows = 0;
@@ -458,6 +462,9 @@ TEST_CASE("cuda bad input: compress and decode on a device cache refuse before t
   CHECK(cu::compress_workspace_size(rerotating, c.cache, model, 1, 4) == 0);
   CHECK(name(cu::compress(small_snapkv, c.cache, one, model, obs, ws, big, nullptr, cu::window_math::tensor_cores)) ==
         name(status::not_supported));  // fp32 keys
+  CHECK(name(cu::compress(small_snapkv, c.cache, one, model, obs, ws, big, nullptr, cu::window_math::automatic, -1)) ==
+        name(status::invalid_argument));  // a negative piece size
+  CHECK(cu::compress_workspace_size(small_snapkv, c.cache, model, 1, 4, -1) == 0);
 
   const auto decode = [&](std::span<const int64_t> seqs, int32_t layer, size_t bytes) {
     return name(cu::decode_attention(c.cache, seqs, layer, model.q_heads, stand_in<const float>(), stand_in<float>(),

@@ -47,11 +47,16 @@ TEST_CASE("step pieces cover every (sequence, layer) once, in the step's order, 
           shapes.insert({c.sequences, c.layers});
         }
         CHECK(next == static_cast<int64_t>(batch) * layers);
-        // Pieces as large as the size allows: one per whole sequence group, or per layer run.
+        // The fewest pieces the size allows: one per whole sequence group, or per layer run.
         const int64_t expected = pairs >= layers ? (batch + std::min<int64_t>(batch, pairs / layers) - 1) /
                                                        std::min<int64_t>(batch, pairs / layers)
                                                  : batch * ((layers + pairs - 1) / pairs);
         CHECK(static_cast<int64_t>(pieces.size()) == expected);
+        // Evenly sized: no sliver of a piece paying a launch for little work.
+        const auto pairs_of = [](const step_piece& c) { return static_cast<int64_t>(c.sequences) * c.layers; };
+        const auto [smallest, largest] = std::minmax_element(
+            pieces.begin(), pieces.end(), [&](const step_piece& x, const step_piece& y) { return pairs_of(x) < pairs_of(y); });
+        CHECK(pairs_of(*largest) - pairs_of(*smallest) <= (pairs >= layers ? layers : 1));
         // step_piece_shapes names exactly the shapes the enumeration gives (workspace sizes).
         const auto named_shapes = cu::detail::step_piece_shapes(batch, layers, pairs);
         std::set<std::pair<int32_t, int32_t>> named;
@@ -106,19 +111,31 @@ TEST_CASE("a step piece's window arguments address the step's rows, queries, pos
   }
 }
 
-TEST_CASE("compaction pieces cover the step's heads within the grid and the piece size", "[cuda]") {
-  for (const int32_t stride : {1, 16, 4096, 131072, 1 << 22})
-    for (const int32_t heads : {1, 7, 64, 2048, 65535}) {
-      CAPTURE(stride, heads);
-      const int32_t per = cu::detail::compaction_piece_heads(heads, stride);
-      const cu::step_tuning t = cu::default_tuning.step;
-      CHECK(per <= heads);
-      CHECK(per <= 65535);
-      // enough heads to keep the GPU busy, and no more than a piece's slots beyond that
-      CHECK(per >= std::min(heads, t.min_compaction_heads));
-      CHECK((per <= t.min_compaction_heads || static_cast<int64_t>(per) * stride <= t.piece_slots));
-    }
-  CHECK(cu::detail::compaction_piece_heads(0, 16) == 0);
+TEST_CASE("compaction pieces cover the step's heads evenly, within the grid and the piece size", "[cuda]") {
+  const int32_t least = cu::default_tuning.step.min_compaction_heads;
+  for (const int64_t piece_slots : {int64_t{1} << 16, int64_t{1} << 21, cu::default_tuning.step.piece_slots})
+    for (const int32_t stride : {1, 16, 4096, 131072, 1 << 22})
+      for (const int32_t heads : {1, 7, 64, 100, 2048, 65535, 100000}) {
+        CAPTURE(piece_slots, stride, heads);
+        const cu::detail::even_split pieces = cu::detail::compaction_pieces(heads, stride, piece_slots);
+        int64_t covered = 0;
+        for (int64_t i = 0; i < pieces.count; ++i) {
+          CHECK(pieces.begin(i) == covered);
+          CHECK(pieces.size(i) >= 1);
+          CHECK(pieces.size(i) <= pieces.largest());
+          CHECK(pieces.largest() - pieces.size(i) <= 1);
+          covered += pieces.size(i);
+        }
+        CHECK(covered == heads);
+        CHECK(pieces.largest() <= 65535);
+        // The fewest pieces of at most a piece's slots, or of min_compaction_heads: pieces of
+        // more than half that many heads keep the GPU busy.
+        const int64_t per = std::min<int64_t>(std::max<int64_t>(piece_slots / stride, least), 65535);
+        CHECK(pieces.count == (heads + per - 1) / per);
+        CHECK(pieces.largest() <= per);
+        CHECK(2 * pieces.base >= std::min<int64_t>(heads, per));
+      }
+  CHECK(cu::detail::compaction_pieces(0, 16, 1 << 21).count == 0);
   cu::compaction_arguments<float> a;
   a.stride = 16;
   a.heads = 10;
@@ -151,6 +168,7 @@ TEST_CASE("a compression step's workspace does not grow with every layer's windo
     a.batch = 1;
     a.obs.rows = 32;
     a.stride = n;
+    a.piece_slots = int64_t{1} << 21;  // 8 layers a piece
     return cu::workspace_size(a);
   };
   cu::window_score_arguments<kv::bfloat16> one_layer;  // one sequence's window scores of one layer

@@ -152,6 +152,9 @@ struct compress_arguments {
   int32_t* keep = nullptr;         //!< [batch][layer_count][H] device out: each head's new length
   int32_t* error = nullptr;        //!< device out: 0 or the status of a failure found on the device
   window_math math = window_math::automatic;  //!< how window scores compute q . k (window_scores.cuh)
+  //! Slots (heads x stride) of a piece of the window scores and of the compaction, which run
+  //! piece by piece: less workspace, one more launch a piece. 0: step_tuning::piece_slots.
+  int64_t piece_slots = 0;
 };
 
 namespace detail {
@@ -163,6 +166,7 @@ struct compress_parts {
   plan_arguments<T> plan{};
   compaction_arguments<T> compaction{};
   bool scored = false;
+  int64_t piece_slots = 0;  //!< of the window scores and the compaction, > 0
 };
 
 //! A piece of a step's window scores: sequences [first_sequence, + sequences) x layers
@@ -176,55 +180,76 @@ struct step_piece {
   int32_t layers = 0;
 };
 
-//! (sequence, layer) pairs of `heads` heads of `stride` slots that a piece holds
-//! (step_tuning::piece_slots), at least one.
-[[nodiscard]] constexpr int64_t piece_pairs(int32_t heads, int32_t stride) noexcept {
+//! (sequence, layer) pairs of `heads` heads of `stride` slots that a piece of `piece_slots`
+//! slots holds, at least one.
+[[nodiscard]] constexpr int64_t piece_pairs(int32_t heads, int32_t stride, int64_t piece_slots) noexcept {
   const int64_t slots = static_cast<int64_t>(heads > 1 ? heads : 1) * (stride > 1 ? stride : 1);
-  const int64_t pairs = default_tuning.step.piece_slots / slots;
+  const int64_t pairs = piece_slots / slots;
   return pairs > 1 ? pairs : 1;
 }
 
+//! `total` items in the fewest pieces of at most `most`, as even as can be: the first `extra`
+//! pieces hold one item more than the rest. Even pieces keep the last one from being a sliver
+//! that pays a whole launch's latency for little work (8 sequences at 7 a piece run as 4 + 4,
+//! not 7 + 1).
+struct even_split {
+  int64_t count = 0, base = 0, extra = 0;
+  constexpr even_split(int64_t total, int64_t most) noexcept {
+    if (total < 1) return;
+    count = (total + most - 1) / most;
+    base = total / count;
+    extra = total % count;
+  }
+  [[nodiscard]] constexpr int64_t size(int64_t i) const noexcept { return base + (i < extra ? 1 : 0); }
+  [[nodiscard]] constexpr int64_t begin(int64_t i) const noexcept { return i * base + (i < extra ? i : extra); }
+  [[nodiscard]] constexpr int64_t largest() const noexcept { return base + (extra > 0 ? 1 : 0); }
+};
+
 //! Calls f(piece) for the pieces of at most `pairs` (sequence, layer) pairs that cover
 //! `batch` sequences x `layers` layers once, in the step's order: whole sequences where a piece
-//! holds every layer of one, else runs of one sequence's layers.
+//! holds every layer of one, else runs of one sequence's layers; the fewest pieces, evenly sized.
 template <class F>
 void for_each_step_piece(int32_t batch, int32_t layers, int64_t pairs, F&& f) {
   if (batch < 1 || layers < 1) return;
   if (pairs >= layers) {
-    const auto per = static_cast<int32_t>(std::min<int64_t>(batch, pairs / layers));
-    for (int32_t s = 0; s < batch; s += per) f(step_piece{s, std::min(per, batch - s), 0, layers});
+    const even_split split(batch, std::min<int64_t>(batch, pairs / layers));
+    for (int64_t i = 0; i < split.count; ++i)
+      f(step_piece{static_cast<int32_t>(split.begin(i)), static_cast<int32_t>(split.size(i)), 0, layers});
   } else {
-    const auto per = static_cast<int32_t>(pairs);
+    const even_split split(layers, pairs);
     for (int32_t s = 0; s < batch; ++s)
-      for (int32_t l = 0; l < layers; l += per) f(step_piece{s, 1, l, std::min(per, layers - l)});
+      for (int64_t i = 0; i < split.count; ++i)
+        f(step_piece{s, 1, static_cast<int32_t>(split.begin(i)), static_cast<int32_t>(split.size(i))});
   }
 }
 
 //! The shapes of for_each_step_piece's pieces (workspace sizes depend on nothing else): the
-//! first piece's, then the last one's where it differs, else a piece of no sequences.
+//! first piece's, the largest, then the smaller one where the sizes differ, else a piece of no
+//! sequences.
 [[nodiscard]] inline std::array<step_piece, 2> step_piece_shapes(int32_t batch, int32_t layers, int64_t pairs) {
   std::array<step_piece, 2> shapes{};
   if (batch < 1 || layers < 1) return shapes;
   if (pairs >= layers) {
-    const auto per = static_cast<int32_t>(std::min<int64_t>(batch, pairs / layers));
-    shapes[0] = {0, per, 0, layers};
-    if (batch % per != 0) shapes[1] = {batch - batch % per, batch % per, 0, layers};
+    const even_split split(batch, std::min<int64_t>(batch, pairs / layers));
+    shapes[0] = {0, static_cast<int32_t>(split.largest()), 0, layers};
+    if (split.extra > 0) shapes[1] = {0, static_cast<int32_t>(split.base), 0, layers};
   } else {
-    const auto per = static_cast<int32_t>(pairs);
-    shapes[0] = {0, 1, 0, per};
-    if (layers % per != 0) shapes[1] = {0, 1, layers - layers % per, layers % per};
+    const even_split split(layers, pairs);
+    shapes[0] = {0, 1, 0, static_cast<int32_t>(split.largest())};
+    if (split.extra > 0) shapes[1] = {0, 1, 0, static_cast<int32_t>(split.base)};
   }
   return shapes;
 }
 
-//! The pieces of the window scores `w` of a step, as above: their shapes, and each in turn.
+//! The pieces of the window scores `w` of a step of `piece_slots` a piece: their shapes, and
+//! each in turn.
 template <kv_element T>
-[[nodiscard]] std::array<step_piece, 2> window_piece_shapes(const window_score_arguments<T>& w) {
-  return step_piece_shapes(w.batch, w.layer_count, piece_pairs(w.pool.heads, w.stride));
+[[nodiscard]] std::array<step_piece, 2> window_piece_shapes(const window_score_arguments<T>& w, int64_t piece_slots) {
+  return step_piece_shapes(w.batch, w.layer_count, piece_pairs(w.pool.heads, w.stride, piece_slots));
 }
 template <kv_element T, class F>
-void for_each_window_piece(const window_score_arguments<T>& w, F&& f) {
-  for_each_step_piece(w.batch, w.layer_count, piece_pairs(w.pool.heads, w.stride), std::forward<F>(f));
+void for_each_window_piece(const window_score_arguments<T>& w, int64_t piece_slots, F&& f) {
+  for_each_step_piece(w.batch, w.layer_count, piece_pairs(w.pool.heads, w.stride, piece_slots), std::forward<F>(f));
 }
 
 //! `p + n`, or null for a null `p` (arguments built for sizes and checks carry no buffers).
@@ -249,13 +274,12 @@ template <kv_element T>
   return w;
 }
 
-//! Heads of a compaction piece of a step of `heads` heads: step_tuning::piece_slots / stride,
-//! but at least min_compaction_heads; at most `heads` and the grid's 65,535.
-[[nodiscard]] constexpr int32_t compaction_piece_heads(int32_t heads, int32_t stride) noexcept {
-  if (heads < 1) return 0;
-  constexpr step_tuning t = default_tuning.step;
-  const int64_t per = std::max<int64_t>(t.piece_slots / (stride > 1 ? stride : 1), t.min_compaction_heads);
-  return static_cast<int32_t>(std::min<int64_t>({per, heads, 65535}));
+//! The compaction pieces of a step of `heads` heads: at most `piece_slots` / stride heads a
+//! piece, but at least min_compaction_heads, and within the grid's 65,535; evenly sized.
+[[nodiscard]] constexpr even_split compaction_pieces(int32_t heads, int32_t stride, int64_t piece_slots) noexcept {
+  const int64_t per =
+      std::max<int64_t>(piece_slots / (stride > 1 ? stride : 1), default_tuning.step.min_compaction_heads);
+  return even_split(heads, std::min<int64_t>(per, 65535));
 }
 
 //! The compaction arguments of heads [first, first + heads) of the step's `a`.
@@ -274,6 +298,7 @@ template <compression_policy P, kv_element T>
 [[nodiscard]] status parts_of(const compress_arguments<P, T>& a, compress_parts<P, T>& out) {
   if (const status s = a.policy.validate(a.model); s != status::success) return s;
   if (a.policy.positions != position_mode::keep_original) return status::not_supported;
+  if (a.piece_slots < 0) return status::invalid_argument;
   if (a.pool.heads != a.policy.metric.stored_heads(a.model) || a.pool.head_dim != a.model.head_dim ||
       a.pool.layers != a.model.layers)
     return status::shape_mismatch;
@@ -316,6 +341,7 @@ template <compression_policy P, kv_element T>
   p.compaction.stride = a.stride;
   p.compaction.keep = a.keep;
   p.compaction.error = a.error;
+  p.piece_slots = a.piece_slots > 0 ? a.piece_slots : default_tuning.step.piece_slots;
   out = p;
   return status::success;
 }
@@ -345,10 +371,10 @@ compress_layout carve(compress_parts<P, T>& p, void* base) {
   // holds the largest piece of each, and the ranking of the whole batch.
   size_t stage = workspace_size(p.plan);
   if (p.scored)
-    for (const step_piece& shape : window_piece_shapes(p.window))
+    for (const step_piece& shape : window_piece_shapes(p.window, p.piece_slots))
       if (shape.sequences > 0) stage = std::max(stage, workspace_size(window_piece(p.window, shape)));
-  const int32_t compacted = compaction_piece_heads(p.compaction.heads, p.compaction.stride);
-  stage = std::max(stage, workspace_size(compaction_piece(p.compaction, 0, compacted)));
+  const even_split compacted = compaction_pieces(p.compaction.heads, p.compaction.stride, p.piece_slots);
+  stage = std::max(stage, workspace_size(compaction_piece(p.compaction, 0, static_cast<int32_t>(compacted.largest()))));
   const size_t stage_offset = w.used();
   w.take<char>(static_cast<int64_t>(stage));
   return {stage_offset, w.used()};
@@ -402,7 +428,7 @@ template <compression_policy P, kv_element T>
   if (a.batch > 0 && (!a.keep || !a.error)) return status::invalid_argument;
   if (p.scored) {
     // Pointers are checked at launch; sizes here, for each shape of piece the step runs.
-    for (const detail::step_piece& shape : detail::window_piece_shapes(p.window)) {
+    for (const detail::step_piece& shape : detail::window_piece_shapes(p.window, p.piece_slots)) {
       if (shape.sequences == 0) continue;
       window_score_arguments<T> w = detail::window_piece(p.window, shape);
       w.scores = reinterpret_cast<float*>(1);
@@ -461,16 +487,17 @@ template <compression_policy P, kv_element T>
     const auto score = [&](const detail::step_piece& c) {
       if (s == status::success) s = window_scores(detail::window_piece(p.window, c), stage, stream);
     };
-    detail::for_each_window_piece(p.window, score);
+    detail::for_each_window_piece(p.window, p.piece_slots, score);
     if (s != status::success) return s;
   }
   if (const status s = plan(p.plan, stage, stream); s != status::success) return s;
-  const int32_t heads = p.compaction.heads, per = detail::compaction_piece_heads(heads, p.compaction.stride);
-  for (int32_t first = 0; first < heads; first += per)
-    if (const status s =
-            compact(detail::compaction_piece(p.compaction, first, std::min(per, heads - first)), stage, stream);
+  const detail::even_split pieces = detail::compaction_pieces(p.compaction.heads, p.compaction.stride, p.piece_slots);
+  for (int64_t i = 0; i < pieces.count; ++i) {
+    const auto first = static_cast<int32_t>(pieces.begin(i)), heads = static_cast<int32_t>(pieces.size(i));
+    if (const status s = compact(detail::compaction_piece(p.compaction, first, heads), stage, stream);
         s != status::success)
       return s;
+  }
   return status::success;
 }
 
@@ -482,7 +509,8 @@ namespace detail {
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 [[nodiscard]] compress_arguments<P, T> probe_arguments(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
                                                       const attention_shape& model, int32_t batch, int32_t obs_rows,
-                                                      window_math math = window_math::automatic) {
+                                                      window_math math = window_math::automatic,
+                                                      int64_t piece_slots = 0) {
   compress_arguments<P, T> a;
   a.policy = policy;
   a.model = model;
@@ -491,17 +519,21 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   a.obs.rows = obs_rows;
   a.stride = cache.config().max_tokens_per_head;
   a.math = math;
+  a.piece_slots = piece_slots;
   return a;
 }
 
 }  // namespace detail
 
-//! Workspace of `compress` for `batch` sequences of `cache` and `obs_rows` window queries; 0
-//! for a policy the device does not implement.
+//! Workspace of `compress` for `batch` sequences of `cache` and `obs_rows` window queries in
+//! pieces of `piece_slots` (compress_arguments::piece_slots; 0: the library's); 0 for a policy
+//! the device does not implement or a negative piece size.
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 [[nodiscard]] size_t compress_workspace_size(const P& policy, const device_paged_cache<T, HeadDim, M>& cache,
-                                             const attention_shape& model, int32_t batch, int32_t obs_rows) {
-  const size_t steps = workspace_size(detail::probe_arguments(policy, cache, model, batch, obs_rows));
+                                             const attention_shape& model, int32_t batch, int32_t obs_rows,
+                                             int64_t piece_slots = 0) {
+  const size_t steps = workspace_size(
+      detail::probe_arguments(policy, cache, model, batch, obs_rows, window_math::automatic, piece_slots));
   if (steps == 0) return 0;
   const int64_t heads = static_cast<int64_t>(batch) * cache.shape().layers * cache.shape().kv_heads;
   return detail::carve_cache_step(nullptr, batch, heads, steps).bytes;
@@ -510,17 +542,21 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 //! Compresses every layer of the sequences `seqs` of a device cache with `policy`, then
 //! commits: one device-to-host copy of the new lengths and one synchronisation of `stream`
 //! per call. `obs` holds the window queries of every sequence and layer (rows 0 for none).
-//! `math` chooses how window scores compute q . k. On error nothing changed.
+//! `math` chooses how window scores compute q . k, `piece_slots` the size of the step's pieces
+//! (compress_arguments::piece_slots; the workspace must be sized with the same). On error
+//! nothing changed.
 template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
 [[nodiscard]] status compress(const P& policy, device_paged_cache<T, HeadDim, M>& cache, std::span<const int64_t> seqs,
                               const attention_shape& model, const device_observation& obs, void* workspace,
-                              size_t workspace_bytes, cudaStream_t stream, window_math math = window_math::automatic) {
+                              size_t workspace_bytes, cudaStream_t stream, window_math math = window_math::automatic,
+                              int64_t piece_slots = 0) {
   const auto batch = static_cast<int32_t>(seqs.size());
   if (batch == 0) return status::success;
   // Host checks first: the policy, every head, then the workspace.
   {
     detail::compress_parts<P, T> parts;
-    if (const status s = detail::parts_of(detail::probe_arguments(policy, cache, model, batch, obs.rows, math), parts);
+    if (const status s =
+            detail::parts_of(detail::probe_arguments(policy, cache, model, batch, obs.rows, math, piece_slots), parts);
         s != status::success)
       return s;
   }
@@ -535,7 +571,7 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
         if (obs.rows > n && std::same_as<typename P::metric_type, window_attention>) return status::window_too_large;
       }
   }
-  if (!workspace || workspace_bytes < compress_workspace_size(policy, cache, model, batch, obs.rows))
+  if (!workspace || workspace_bytes < compress_workspace_size(policy, cache, model, batch, obs.rows, piece_slots))
     return status::invalid_argument;
   const int64_t heads = static_cast<int64_t>(batch) * stored.layers * stored.kv_heads;
   const detail::cache_step_buffers buffers = detail::carve_cache_step(workspace, batch, heads, 0);
@@ -550,6 +586,7 @@ template <compression_policy P, kv_element T, int32_t HeadDim, slot_mover<T> M>
   a.keep = buffers.keep;
   a.error = buffers.error;
   a.math = math;
+  a.piece_slots = piece_slots;
   // The commit's host memory is allocated before the device changes anything (truncate
   // allocates nothing), so a failed allocation (std::bad_alloc) leaves the cache as it was.
   std::vector<int32_t> keep(static_cast<size_t>(heads) + 1);

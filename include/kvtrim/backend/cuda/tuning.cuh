@@ -43,14 +43,15 @@ struct window_tuning {
 //! layer of every sequence (the ranking between them sees the whole batch: budgets can cross
 //! heads and layers).
 struct step_tuning {
-  int64_t piece_slots = int64_t{1} << 21;  //!< slots (heads x stride) of a piece, at least one
-                                           //!< (sequence, layer): one layer of the benchmark's
-                                           //!< B = 8, n = 32k step, whose window scores run 2,048
-                                           //!< CTAs a pass
-  int32_t min_compaction_heads = 64;       //!< heads of a compaction piece at least: a CTA per
-                                           //!< head scans its slots round after round, so a
-                                           //!< launch of few heads leaves most SMs idle (the
-                                           //!< benchmarks' steps, 64 heads or fewer, stay one)
+  //! Slots (heads x stride) of a piece, at least one (sequence, layer); compress_arguments
+  //! can set its own. A piece's window scores cost about 0.37 ms beyond 0.92 ns a slot (one
+  //! H200, bm_snapkv_window_scores at 013f2fc: 1.38 ms at 1M slots, 2.30 at 2.1M, 8.07 at
+  //! 8.4M), so at 12M slots that latency is 3% of a piece, whose window stage holds about
+  //! 0.6 GB; one layer of each benchmark shape (up to B = 8, n = 128k: 8.4M slots) is one piece.
+  int64_t piece_slots = int64_t{3} << 22;
+  //! Heads of a compaction piece at least: a CTA per head scans its slots round after round,
+  //! so a launch of few heads leaves most SMs idle.
+  int32_t min_compaction_heads = 64;
 };
 
 //! Element-wise kernels: append, moves, metadata, gathers, pooling.
