@@ -48,18 +48,20 @@ struct batch_observation {
   }
 };
 
+//! `piece_slots`: the device session's compression pieces (0: the library's).
 template <class Policy, kv::kv_element T>
-void run_sessions(const Policy& policy, int32_t d, bool observed) {
+void run_sessions(const Policy& policy, int32_t d, bool observed, int64_t piece_slots = 0) {
   const kv::attention_shape model{2, 4, 2, d};
   const kv::paged_cache_config config{model, 16, 3 * 2 * 2 * 12, 3, 160};
   twin_caches<T> c(config);
   std::mt19937 rng(5);
   kv::compression_session host(c.host, model, policy);
   const int32_t max_batch = 3;
-  device_memory workspace(cu::compression_session<Policy, T>::workspace_size(policy, c.device, model, max_batch, rows));
+  device_memory workspace(
+      cu::compression_session<Policy, T>::workspace_size(policy, c.device, model, max_batch, rows, piece_slots));
   cu::compression_session<Policy, T> device;
-  require_ok(cu::compression_session<Policy, T>::create(c.device, model, policy, max_batch, rows,
-                                                        workspace.as<void>(), workspace.bytes(), nullptr, device));
+  require_ok(cu::compression_session<Policy, T>::create(c.device, model, policy, max_batch, rows, workspace.as<void>(),
+                                                        workspace.bytes(), nullptr, device, piece_slots));
 
   std::vector<int64_t> seqs;
   std::vector<int32_t> next;  // each sequence's next position
@@ -127,6 +129,11 @@ TEMPLATE_TEST_CASE("the device session compresses what the CPU session does, ste
     auto p = kv::snapkv({.budget = kv::token_budget::of_tokens(40), .window = rows});
     p.schedule = {kv::compression_schedule::kind::every_n_steps, 2};
     run_sessions<kv::snapkv_policy, TestType>(p, d, true);
+  }
+  SECTION("SnapKV every 2 steps, its window scores a (sequence, layer) at a time") {
+    auto p = kv::snapkv({.budget = kv::token_budget::of_tokens(40), .window = rows});
+    p.schedule = {kv::compression_schedule::kind::every_n_steps, 2};
+    run_sessions<kv::snapkv_policy, TestType>(p, d, true, 1);
   }
   SECTION("StreamingLLM every step: no window rows") {
     const auto p = kv::streaming_llm({.budget = kv::token_budget::of_tokens(40), .sinks = 2});

@@ -504,6 +504,17 @@ TEST_CASE("cuda bad input: the device session refuses bad limits, workspaces and
   CHECK(create(small_snapkv, 1, 0, ws, big) == name(status::invalid_argument));   // window scores need rows
   CHECK(create(small_snapkv, 1, 4, nullptr, big) == name(status::invalid_argument));
   CHECK(create(small_snapkv, 1, 4, ws, need - 1) == name(status::invalid_argument));
+  CHECK(session::workspace_size(small_snapkv, c.cache, model, 1, 4, -1) == 0);
+  CHECK(name(session::create(c.cache, model, small_snapkv, 1, 4, ws, big, nullptr, s, -1)) ==
+        name(status::invalid_argument));  // a negative piece size
+  // Pieces of one (sequence, layer) need less than the default's one piece, and a workspace
+  // sized for them is too small for the default.
+  const size_t in_pieces = session::workspace_size(small_snapkv, c.cache, model, 1, 4, 1);
+  CHECK(in_pieces < need);
+  CHECK(name(session::create(c.cache, model, small_snapkv, 1, 4, ws, in_pieces, nullptr, s, 1)) ==
+        name(status::success));
+  CHECK(create(small_snapkv, 1, 4, ws, in_pieces) == name(status::invalid_argument));
+  s = session{};
   CHECK(name(s.add_sequence(3)) == name(status::invalid_argument));  // never created
 
   REQUIRE(create(small_snapkv, 1, 4, ws, need) == name(status::success));

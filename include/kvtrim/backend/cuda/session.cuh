@@ -36,27 +36,31 @@ class compression_session {
   using cache_type = device_paged_cache<T, HeadDim, M>;
 
   //! Workspace of a session that compresses or attends at most `max_batch` sequences a call
-  //! with at most `max_rows` window rows; 0 where the device does not run `policy`, or where
-  //! no row count up to `max_rows` lets it compress (window scores need rows).
+  //! with at most `max_rows` window rows, its compression steps in pieces of `piece_slots`
+  //! (compress_arguments::piece_slots; 0: the library's); 0 where the device does not run
+  //! `policy`, where no row count up to `max_rows` lets it compress (window scores need rows),
+  //! or for a negative piece size.
   [[nodiscard]] static size_t workspace_size(const P& policy, const cache_type& cache, const attention_shape& model,
-                                             int32_t max_batch, int32_t max_rows) {
+                                             int32_t max_batch, int32_t max_rows, int64_t piece_slots = 0) {
     if (max_batch < 1 || max_rows < 0 || supports<T>(policy, model) != status::success) return 0;
-    const size_t step = step_bytes(policy, cache, model, max_batch, max_rows);
+    const size_t step = step_bytes(policy, cache, model, max_batch, max_rows, piece_slots);
     return step == 0 ? 0 : gather_bytes(model, max_batch, max_rows) + step;
   }
 
   compression_session() = default;
 
   //! Validates the policy against the model and the device (cuda::supports: its status), the
-  //! limits (invalid_argument below one sequence or below zero rows) and the workspace
-  //! (invalid_argument if null or smaller than workspace_size); then `out` drives `cache`.
+  //! limits (invalid_argument below one sequence, below zero rows or for a negative piece
+  //! size) and the workspace (invalid_argument if null or smaller than workspace_size with the
+  //! same limits); then `out` drives `cache`. Its compression steps run in pieces of
+  //! `piece_slots` slots (0: the library's): a smaller piece, a smaller workspace.
   [[nodiscard]] static status create(cache_type& cache, const attention_shape& model, P policy, int32_t max_batch,
                                      int32_t max_rows, void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                                     compression_session& out) {
+                                     compression_session& out, int64_t piece_slots = 0) {
     if (const status s = supports<T>(policy, model); s != status::success) return s;
-    if (max_batch < 1 || max_rows < 0) return status::invalid_argument;
+    if (max_batch < 1 || max_rows < 0 || piece_slots < 0) return status::invalid_argument;
     const size_t gather = gather_bytes(model, max_batch, max_rows);
-    const size_t step = step_bytes(policy, cache, model, max_batch, max_rows);  // workspace_size's parts
+    const size_t step = step_bytes(policy, cache, model, max_batch, max_rows, piece_slots);  // workspace_size's parts
     if (!workspace || step == 0 || workspace_bytes < gather + step) return status::invalid_argument;
     compression_session s;
     s.cache_ = &cache;
@@ -68,6 +72,7 @@ class compression_session {
     s.step_ = static_cast<char*>(workspace) + gather;
     s.step_bytes_ = workspace_bytes - gather;
     s.stream_ = stream;
+    s.piece_slots_ = piece_slots;
     out = std::move(s);
     return status::success;
   }
@@ -125,7 +130,8 @@ class compression_session {
   //! that bounds the cache at every step). Decode step counts are left as they are.
   [[nodiscard]] status compress(std::span<const int64_t> seqs, const device_observation& obs) {
     if (const status s = check_batch(seqs, obs.rows); s != status::success) return s;
-    return cuda::compress(policy_, *cache_, seqs, model_, obs, step_, step_bytes_, stream_);
+    return cuda::compress(policy_, *cache_, seqs, model_, obs, step_, step_bytes_, stream_, window_math::automatic,
+                          piece_slots_);
   }
 
   //! 3. Decode attention of `layer` for `seqs`: q, out [batch][Hq][d] fp32 device. Adds what
@@ -155,7 +161,8 @@ class compression_session {
       device_observation subset = obs;
       if (obs.rows > 0 && firing.size() < seqs.size())
         if (const status s = gather(obs, at, subset); s != status::success) return s;
-      if (const status s = cuda::compress(policy_, *cache_, firing, model_, subset, step_, step_bytes_, stream_);
+      if (const status s = cuda::compress(policy_, *cache_, firing, model_, subset, step_, step_bytes_, stream_,
+                                          window_math::automatic, piece_slots_);
           s != status::success)
         return s;
     }
@@ -182,12 +189,12 @@ class compression_session {
   //! The largest step workspace (compression, decode) of any batch and row count within the
   //! limits: sizes need not grow monotonically with the batch (window splits shrink as heads grow).
   [[nodiscard]] static size_t step_bytes(const P& policy, const cache_type& cache, const attention_shape& model,
-                                         int32_t max_batch, int32_t max_rows) {
+                                         int32_t max_batch, int32_t max_rows, int64_t piece_slots) {
     size_t compression = 0, decode = 0;
     for (int32_t batch = 1; batch <= max_batch; ++batch) {
       // 0 where a row count cannot compress (window scores without rows): refused per call.
       for (int32_t rows = 0; rows <= max_rows; ++rows)
-        compression = std::max(compression, compress_workspace_size(policy, cache, model, batch, rows));
+        compression = std::max(compression, compress_workspace_size(policy, cache, model, batch, rows, piece_slots));
       decode = std::max(decode, decode_workspace_size(cache, batch, model.q_heads, policy.metric.decode()));
     }
     return compression == 0 ? 0 : std::max(compression, decode);
@@ -255,6 +262,7 @@ class compression_session {
   void* step_ = nullptr;
   size_t step_bytes_ = 0;
   cudaStream_t stream_ = nullptr;
+  int64_t piece_slots_ = 0;  // of its compression steps (0: the library's)
   std::vector<sequence_state> sequences_;
 };
 
