@@ -129,7 +129,7 @@ TEST_CASE("compaction pieces cover the step's heads evenly, within the grid and 
         CHECK(covered == heads);
         CHECK(pieces.largest() <= 65535);
         // The fewest pieces of at most a piece's slots, or of min_compaction_heads: pieces of
-        // more than half that many heads keep the GPU busy.
+        // at least half that many heads keep the GPU busy.
         const int64_t per = std::min<int64_t>(std::max<int64_t>(piece_slots / stride, least), 65535);
         CHECK(pieces.count == (heads + per - 1) / per);
         CHECK(pieces.largest() <= per);

@@ -44,10 +44,10 @@ struct window_tuning {
 //! heads and layers).
 struct step_tuning {
   //! Slots (heads x stride) of a piece, at least one (sequence, layer); compress_arguments
-  //! can set its own. A piece's window scores cost about 0.37 ms beyond 0.92 ns a slot (one
-  //! H200, bm_snapkv_window_scores at 013f2fc: 1.38 ms at 1M slots, 2.30 at 2.1M, 8.07 at
-  //! 8.4M), so at 12M slots that latency is 3% of a piece, whose window stage holds about
-  //! 0.6 GB; one layer of each benchmark shape (up to B = 8, n = 128k: 8.4M slots) is one piece.
+  //! can set its own. Each extra piece cost 0.25-0.41 ms on an H200 (bm_snapkv_pieces at
+  //! d9833f2, B = 8, n = 32k and 128k): about 3% of a piece of this size (window scores take
+  //! about 1 ns a slot there), whose window stage holds about 0.6 GB. One layer of each benchmark
+  //! shape (up to B = 8, n = 128k: 8.4M slots) is one piece.
   int64_t piece_slots = int64_t{3} << 22;
   //! Heads of a compaction piece at least: a CTA per head scans its slots round after round,
   //! so a launch of few heads leaves most SMs idle.
