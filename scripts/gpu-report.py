@@ -29,20 +29,27 @@ for name in ("bench_decode", "bench_compress", "bench_append", "peers"):
         print(f"| {b['name']} | {b['real_time']:.1f} | {b.get('TB/s', 0):.3f} | {b.get('copy_fraction', 0):.2f} |")
 
 
-def split_table(out):
-    """bm_decode_splits per shape: the library's split choice (split:0) beside the fastest
-    explicit split, the figures a retune of split_tokens_for starts from."""
-    f = out / "bench_decode.json"
+def sweep(out, binary, benchmark):
+    """(fields, result) of each run of `benchmark` in `binary`'s JSON, its name's "key:value"
+    parts as fields; nothing where the JSON is missing or incomplete."""
+    f = out / f"{binary}.json"
     try:
         data = json.loads(f.read_text()) if f.exists() else {}
     except json.JSONDecodeError:
-        return
-    shapes = {}  # "B:8/n:32768/x:1" -> {split: µs}
+        return []
+    runs = []
     for b in data.get("benchmarks", []):
         parts = b["name"].split("/")
-        if parts[0] != "bm_decode_splits" or b.get("error_occurred"):
-            continue
-        fields = dict(p.split(":") for p in parts[1:] if ":" in p)
+        if parts[0] == benchmark and not b.get("error_occurred"):
+            runs.append((dict(p.split(":") for p in parts[1:] if ":" in p), b))
+    return runs
+
+
+def split_table(out):
+    """bm_decode_splits per shape: the library's split choice (split:0) beside the fastest
+    explicit split, the figures a retune of split_tokens_for starts from."""
+    shapes = {}  # "B:8/n:32768/x:1" -> {split: µs}
+    for fields, b in sweep(out, "bench_decode", "bm_decode_splits"):
         shape = "/".join(f"{k}:{fields[k]}" for k in ("B", "n", "x"))
         shapes.setdefault(shape, {})[int(fields["split"])] = b["real_time"]
     if not shapes:
@@ -61,26 +68,15 @@ def split_table(out):
 def piece_table(out):
     """bm_snapkv_pieces per shape: each piece size's step time and workspace, the trade an
     engine makes with compress_arguments::piece_slots (0: the library's)."""
-    f = out / "bench_compress.json"
-    try:
-        data = json.loads(f.read_text()) if f.exists() else {}
-    except json.JSONDecodeError:
-        return
-    rows = []
-    for b in data.get("benchmarks", []):
-        parts = b["name"].split("/")
-        if parts[0] != "bm_snapkv_pieces" or b.get("error_occurred"):
-            continue
-        fields = dict(p.split(":") for p in parts[1:] if ":" in p)
-        rows.append((f"B:{fields['B']}/n:{fields['n']}", int(fields["piece"]), b["real_time"],
-                     100 * b.get("workspace_fraction", 0)))
-    if not rows:
+    runs = sweep(out, "bench_compress", "bm_snapkv_pieces")
+    if not runs:
         return
     print("\n### Compression step pieces (bm_snapkv_pieces, tensor cores, bf16 query values)\n")
     print("| shape | piece (slots; 0: the library's) | time (us) | workspace / K+V |")
     print("| --- | --- | --- | --- |")
-    for shape, piece, us, ws in rows:
-        print(f"| {shape} | {piece} | {us:.1f} | {ws:.1f}% |")
+    for fields, b in runs:
+        print(f"| B:{fields['B']}/n:{fields['n']} | {fields['piece']} | {b['real_time']:.1f} | "
+              f"{100 * b.get('workspace_fraction', 0):.1f}% |")
 
 
 def ab_table(ab):
